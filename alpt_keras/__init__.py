@@ -1,0 +1,15 @@
+"""alpt_keras: low-precision (ALPT) embedding tables for TensorFlow/Keras.
+
+The Keras flavour (Keras 3 or tf_keras) is chosen once, at import, from what
+`tf.keras` resolves to; set `TF_USE_LEGACY_KERAS=1` before importing
+TensorFlow to use tf_keras (needed by TensorFlow Recommenders).
+"""
+
+from alpt_keras import quantizers
+from alpt_keras._keras import IS_KERAS_3
+from alpt_keras.embedding import ALPTEmbedding
+from alpt_keras.optimizer import ALPTOptimizer
+
+__version__ = "0.1.0"
+
+__all__ = ["ALPTEmbedding", "ALPTOptimizer", "IS_KERAS_3", "quantizers"]

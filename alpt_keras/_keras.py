@@ -1,0 +1,84 @@
+"""The one place that picks Keras 3 or tf_keras and touches private APIs.
+
+TFRS needs Keras 2 (`tf_keras`, selected by `TF_USE_LEGACY_KERAS=1`), while
+Keras 3 is the default. A layer from one flavour inside a model of the other
+runs but silently drops its weights, so the flavour is chosen once, at import,
+from what `tf.keras` resolves to. The flavour cannot change inside a process.
+"""
+
+import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
+
+IS_KERAS_3 = hasattr(tf.keras, "version")
+
+if IS_KERAS_3:
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise ImportError(
+            "alpt_keras needs the TensorFlow backend of Keras 3. "
+            f"Received: KERAS_BACKEND={keras.backend.backend()!r}. Set "
+            "`KERAS_BACKEND=tensorflow` (or unset it) before importing keras."
+        )
+else:
+    import tf_keras as keras
+
+__all__ = [
+    "IS_KERAS_3",
+    "keras",
+    "add_optimizer_variable",
+    "in_xla_context",
+    "register",
+    "tf_variable",
+    "weight_aggregation",
+]
+
+register = keras.utils.register_keras_serializable(package="alpt_keras")
+
+
+def tf_variable(variable):
+    """Returns the `tf.Variable` (possibly distributed) behind `variable`.
+
+    Keras 3 wraps TensorFlow variables in `keras.Variable`; row scatters and
+    `tf.custom_gradient` need the TensorFlow object.
+    """
+    if IS_KERAS_3 and isinstance(variable, keras.Variable):
+        return variable.value
+    return variable
+
+
+def weight_aggregation():
+    """Aggregation for ALPT state variables under `tf.distribute`.
+
+    Integer variables refuse MEAN, and SUM/ON_READ refuse scatter. The
+    optimizer writes every row in cross-replica context, identically to every
+    copy, so ONLY_FIRST_REPLICA is both allowed and semantically right.
+    """
+    if IS_KERAS_3:
+        return "only_first_replica"
+    return tf.VariableAggregation.ONLY_FIRST_REPLICA
+
+
+def add_optimizer_variable(optimizer, shape, dtype, name, initializer="zeros"):
+    """`Optimizer.add_variable` with one signature for both flavours.
+
+    Variables made this way are saved with the optimizer (a plain
+    `tf.Variable` kept in a dict is not, on Keras 3).
+    """
+    if IS_KERAS_3:
+        return optimizer.add_variable(
+            shape=shape,
+            initializer=initializer,
+            dtype=dtype,
+            aggregation=weight_aggregation(),
+            name=name,
+        )
+    return optimizer.add_variable(
+        shape=shape, dtype=dtype, initializer=initializer, name=name
+    )
+
+
+def in_xla_context():
+    """True while tracing a function that XLA will compile."""
+    graph = tf.compat.v1.get_default_graph()
+    return control_flow_util.GraphOrParentsInXlaContext(graph)

@@ -1,0 +1,462 @@
+"""`ALPTEmbedding`: an embedding table stored as low-bit integer codes."""
+
+import zlib
+
+import numpy as np
+import tensorflow as tf
+
+from alpt_keras import _keras, quantizers
+from alpt_keras.table import (
+    SUPPORTED_STEP_SIZE,
+    TAG_ATTRIBUTE,
+    Int8Storage,
+    TableState,
+)
+
+keras = _keras.keras
+
+SUPPORTED_COMBINERS = (None, "sum", "mean", "sqrtn")
+
+
+def _check_positive_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
+    if value <= 0:
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
+    return int(value)
+
+
+def _crc32(text):
+    return zlib.crc32(text.encode("utf-8"))
+
+
+@_keras.register
+class ALPTEmbedding(keras.layers.Layer):
+    """Embedding table trained in low precision with a learned step size.
+
+    The table is kept as integer codes `ŵ` in `[-2^(b-1), 2^(b-1) - 1]` plus a
+    step size `Δ` (one per row, or one per table). A lookup returns the
+    dequantized rows `Δ_i · ŵ_i`. The gradient of those rows reaches
+    `alpt_keras.ALPTOptimizer` as a sparse `tf.IndexedSlices` (straight-through
+    estimation); the optimizer updates the touched rows in full precision,
+    learns `Δ` with the LSQ gradient and writes the rows back with stochastic
+    rounding (ALPT). With `learn_step_size=False` the step size stays at its
+    LSQ initial value (LPT).
+
+    Ids must lie in `[0, input_dim)`; anything else is an error raised before
+    any state changes. Inputs may be dense `[B]` or `[B, F]` (output
+    `[B, D]` or `[B, F, D]`), or ragged/sparse multi-hot ids reduced with a
+    `combiner`. The layer does not run under XLA (`supports_jit = False`);
+    asked to, it raises a clear error.
+
+    Args:
+        input_dim: int. Number of rows `V` (the vocabulary size).
+        output_dim: int. Row width `D`.
+        num_bits: int in [2, 8]. Bits per code. Defaults to `8`.
+        step_size: `"row"` (one Δ per row) or `"table"` (one Δ shared by
+            the table). Defaults to `"row"`.
+        rounding: `"stochastic"` or `"deterministic"` (round half up), used
+            for the initial codes and every write-back. Defaults to
+            `"stochastic"`.
+        learn_step_size: bool. `True` learns Δ (ALPT); `False` keeps it at
+            the LSQ initial value (LPT). Defaults to `True`.
+        embeddings_initializer: initializer of the float table `w0` that the
+            initial codes quantize. Defaults to `RandomNormal(0, 0.003)`
+            seeded with `seed`.
+        seed: int or `None`. Seeds the default initializer and the rounding
+            noise (`None` uses noise seed 0). Defaults to `None`.
+        combiner: `None`, `"sum"`, `"mean"` or `"sqrtn"`. Reduces the last
+            id axis (multi-hot features). Defaults to `None`.
+        min_step_size: float > 0. Lower bound kept on Δ. Defaults to `1e-8`.
+        noise_salt: int or `None`. Distinguishes the noise of this table from
+            other tables'. Defaults to the CRC32 of `name` when a name is
+            given, else of `seed`, else of the automatic layer name (which
+            depends on how many layers the process built: name your tables
+            for runs that must reproduce across processes).
+        **kwargs: base layer arguments (`name`, `dtype`, `trainable`).
+
+    Example:
+
+    >>> layer = ALPTEmbedding(input_dim=10, output_dim=4, num_bits=8, seed=1)
+    >>> layer(tf.constant([[1, 2], [3, 4]])).shape
+    TensorShape([2, 2, 4])
+    >>> layer.codes.dtype.name if hasattr(layer.codes.dtype, "name") \\
+    ...     else layer.codes.dtype
+    'int8'
+
+    References:
+        - Li et al., "Learning Accurate Low-bit Embeddings for CTR
+          Prediction via Adaptive Low-Precision Training", AAAI 2023.
+        - Esser et al., "Learned Step Size Quantization", ICLR 2020.
+    """
+
+    def __init__(
+        self,
+        input_dim,
+        output_dim,
+        num_bits=8,
+        step_size="row",
+        rounding="stochastic",
+        learn_step_size=True,
+        embeddings_initializer=None,
+        seed=None,
+        combiner=None,
+        min_step_size=1e-8,
+        noise_salt=None,
+        **kwargs,
+    ):
+        explicit_name = kwargs.get("name")
+        super().__init__(**kwargs)
+        self.input_dim = _check_positive_int("input_dim", input_dim)
+        self.output_dim = _check_positive_int("output_dim", output_dim)
+        self.num_bits = quantizers.validate_num_bits(num_bits)
+        if step_size not in SUPPORTED_STEP_SIZE:
+            raise ValueError(
+                f"`step_size` must be one of {SUPPORTED_STEP_SIZE}. "
+                f"Received: step_size={step_size!r}"
+            )
+        self.step_size = step_size
+        if rounding not in quantizers.SUPPORTED_ROUNDING:
+            raise ValueError(
+                f"`rounding` must be one of {quantizers.SUPPORTED_ROUNDING}. "
+                f"Received: rounding={rounding!r}"
+            )
+        self.rounding = rounding
+        if not isinstance(learn_step_size, bool):
+            raise ValueError(
+                "`learn_step_size` must be a bool. "
+                f"Received: learn_step_size={learn_step_size!r}"
+            )
+        self.learn_step_size = learn_step_size
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+        ):
+            raise ValueError(
+                f"`seed` must be an integer or None. Received: seed={seed!r}"
+            )
+        self.seed = None if seed is None else int(seed)
+        if combiner not in SUPPORTED_COMBINERS:
+            raise ValueError(
+                f"`combiner` must be one of {SUPPORTED_COMBINERS}. "
+                f"Received: combiner={combiner!r}"
+            )
+        self.combiner = combiner
+        if (
+            isinstance(min_step_size, bool)
+            or not isinstance(min_step_size, (int, float))
+            or not min_step_size > 0
+            or not np.isfinite(min_step_size)
+        ):
+            raise ValueError(
+                "`min_step_size` must be a finite number > 0. "
+                f"Received: min_step_size={min_step_size!r}"
+            )
+        self.min_step_size = float(min_step_size)
+        if embeddings_initializer is None:
+            embeddings_initializer = keras.initializers.RandomNormal(
+                mean=0.0, stddev=0.003, seed=self.seed
+            )
+        self.embeddings_initializer = keras.initializers.get(
+            embeddings_initializer
+        )
+        if noise_salt is None:
+            if explicit_name:
+                noise_salt = _crc32(explicit_name)
+            elif self.seed is not None:
+                noise_salt = _crc32(f"seed:{self.seed}")
+            else:
+                noise_salt = _crc32(self.name)
+        elif isinstance(noise_salt, bool) or not isinstance(
+            noise_salt, (int, np.integer)
+        ):
+            raise ValueError(
+                "`noise_salt` must be an integer or None. "
+                f"Received: noise_salt={noise_salt!r}"
+            )
+        self.noise_salt = int(noise_salt) & 0xFFFFFFFF
+        # Keras 3: keep `jit_compile="auto"` from turning XLA on for models
+        # containing this layer (unique, scatter and asserts are not XLA-safe).
+        self.supports_jit = False
+        self._table = None
+
+    # ------------------------------------------------------------------ build
+    def build(self, input_shape=None):
+        if self._table is not None:
+            return
+        per_row = self.step_size == "row"
+        shape = (self.input_dim, self.output_dim)
+        w0 = tf.cast(self.embeddings_initializer(shape, "float32"), tf.float32)
+        step0 = quantizers.lsq_initial_step_size(
+            w0, self.num_bits, per_row=per_row, minimum=self.min_step_size
+        )
+        codes0 = self._quantize_rows(
+            w0,
+            step0,
+            tf.range(self.input_dim, dtype=tf.int64),
+            quantizers.INIT_STEP,
+            self.rounding,
+        )
+        extra = {"autocast": False} if _keras.IS_KERAS_3 else {}
+        # Keep this order stable: checkpoints store layer weights by position.
+        self.codes = self.add_weight(
+            name="codes",
+            shape=shape,
+            dtype="int8",
+            initializer=lambda shape, dtype=None: tf.cast(codes0, tf.int8),
+            trainable=False,
+            aggregation=_keras.weight_aggregation(),
+            **extra,
+        )
+        self.step_sizes = self.add_weight(
+            name="step_sizes",
+            shape=(self.input_dim if per_row else 1, 1),
+            dtype="float32",
+            initializer=lambda shape, dtype=None: step0,
+            trainable=False,
+            aggregation=_keras.weight_aggregation(),
+            **extra,
+        )
+        # A one-element trainable variable through which the row gradient
+        # travels, as `tf.IndexedSlices`, to `ALPTOptimizer` (an integer
+        # variable never receives a gradient from the tape).
+        self.gradient_carrier = self.add_weight(
+            name="gradient_carrier",
+            shape=(1,),
+            dtype="float32",
+            initializer="zeros",
+            trainable=True,
+            **extra,
+        )
+        self._table = TableState(
+            name=self.name,
+            input_dim=self.input_dim,
+            output_dim=self.output_dim,
+            num_bits=self.num_bits,
+            step_size_mode=self.step_size,
+            rounding=self.rounding,
+            learn_step_size=self.learn_step_size,
+            seed=0 if self.seed is None else self.seed,
+            salt=self.noise_salt,
+            min_step_size=self.min_step_size,
+            storage=Int8Storage(self.codes),
+            step_size=self.step_sizes,
+        )
+        setattr(self.gradient_carrier, TAG_ATTRIBUTE, self._table)
+        self.built = True
+
+    def _quantize_rows(self, w, step, row_ids, noise_step, rounding):
+        noise = None
+        if rounding == "stochastic":
+            seed = 0 if self.seed is None else self.seed
+            noise = quantizers.hash_uniform(
+                seed, self.noise_salt, noise_step, row_ids, self.output_dim
+            )
+        return quantizers.quantize(w, step, self.num_bits, rounding, noise)
+
+    # ------------------------------------------------------------------- call
+    def call(self, inputs):
+        if _keras.in_xla_context():
+            raise NotImplementedError(
+                f"ALPTEmbedding '{self.name}' cannot run under XLA: XLA drops "
+                "the id checks, clamps out-of-range ids and cannot compile "
+                "the row updates. Compile the model with `jit_compile=False`. "
+                "Received: a call inside an XLA-compiled function."
+            )
+        if isinstance(inputs, tf.SparseTensor):
+            inputs = tf.RaggedTensor.from_sparse(inputs)
+        if isinstance(inputs, tf.RaggedTensor):
+            ids = self._to_ids(inputs.flat_values)
+            rows = self._lookup(ids)  # (N, D)
+            embedded = inputs.with_flat_values(rows)  # (B, ..., (L), D)
+            if self.combiner is None:
+                return embedded
+            counts = tf.reduce_sum(
+                tf.ones_like(inputs, dtype=rows.dtype), axis=-1
+            )[..., None]
+            return self._combine(tf.reduce_sum(embedded, axis=-2), counts)
+        inputs = tf.convert_to_tensor(inputs)
+        ids = self._to_ids(tf.reshape(inputs, [-1]))
+        out_shape = tf.concat(
+            [tf.shape(inputs, out_type=tf.int32), [self.output_dim]], axis=0
+        )
+        embedded = tf.reshape(self._lookup(ids), out_shape)
+        if self.combiner is None:
+            return embedded
+        if inputs.shape.rank is not None and inputs.shape.rank < 1:
+            raise ValueError(
+                "A `combiner` reduces the last id axis, so ids need rank >= 1."
+                f" Received: ids of shape {inputs.shape}"
+            )
+        counts = tf.cast(tf.shape(inputs)[-1], embedded.dtype)
+        return self._combine(tf.reduce_sum(embedded, axis=-2), counts)
+
+    def _combine(self, sums, counts):
+        if self.combiner == "sum":
+            return sums
+        counts = tf.maximum(counts, 1.0)  # empty bags give zeros, not NaN
+        if self.combiner == "mean":
+            return sums / counts
+        return sums / tf.sqrt(counts)
+
+    def _to_ids(self, flat):
+        """int64 ids, checked against `[0, input_dim)` before any use."""
+        if not flat.dtype.is_integer:
+            if flat.dtype.is_floating:
+                flat = tf.cast(flat, tf.int64)
+            else:
+                raise TypeError(
+                    f"ALPTEmbedding '{self.name}' needs integer ids. "
+                    f"Received: ids of dtype {flat.dtype.name}"
+                )
+        ids = tf.cast(flat, tf.int64)
+        bad = tf.logical_or(ids < 0, ids >= self.input_dim)
+        check = tf.debugging.Assert(
+            tf.logical_not(tf.reduce_any(bad)),
+            [
+                f"ALPTEmbedding '{self.name}': ids must be in "
+                f"[0, input_dim={self.input_dim}). Received out-of-range ids "
+                "(first 10):",
+                tf.boolean_mask(ids, bad)[:10],
+            ],
+            summarize=10,
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(ids)
+
+    def _lookup(self, ids):
+        """Dequantized rows `[N, D]` whose gradient flows to the carrier."""
+        table = self._table
+        rows = quantizers.dequantize(
+            table.storage.read_rows(ids), table.read_step_sizes(ids)
+        )
+        dense_shape = tf.constant(
+            [self.input_dim, self.output_dim], dtype=tf.int64
+        )
+
+        @tf.custom_gradient
+        def attach(carrier, rows):
+            def grad(upstream):
+                table.check_optimizer()
+                row_grads = tf.IndexedSlices(
+                    tf.cast(upstream, tf.float32), ids, dense_shape
+                )
+                return row_grads, None
+
+            return tf.identity(rows), grad
+
+        carrier = tf.identity(_keras.tf_variable(self.gradient_carrier))
+        rows = attach(carrier, rows)
+        if rows.dtype != self.compute_dtype:
+            rows = tf.cast(rows, self.compute_dtype)
+        return rows
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if self.combiner is not None:
+            input_shape = input_shape[:-1]
+        return input_shape + (self.output_dim,)
+
+    # ------------------------------------------------------- float interface
+    def dequantized_table(self):
+        """The float32 table `Δ · ŵ`, shape `[input_dim, output_dim]`."""
+        self._ensure_built()
+        return quantizers.dequantize(
+            self._table.storage.read_all(),
+            tf.convert_to_tensor(self.step_sizes),
+        )
+
+    def set_float_table(self, table, rounding="deterministic"):
+        """Warm start: quantizes a float table into codes and step sizes.
+
+        The step sizes follow the LSQ rule `2 · mean|w| / sqrt(Q_P)` (per row
+        or per table) computed from `table`.
+
+        Args:
+            table: array-like float `[input_dim, output_dim]`, e.g. the
+                weights of a trained `keras.layers.Embedding`.
+            rounding: `"deterministic"` (round half up; the default, the
+                closest codes) or `"stochastic"`.
+        """
+        self._ensure_built()
+        table = np.asarray(table, dtype=np.float32)
+        expected = (self.input_dim, self.output_dim)
+        if table.shape != expected:
+            raise ValueError(
+                f"`table` must have shape {expected}. "
+                f"Received: table of shape {table.shape}"
+            )
+        if not np.all(np.isfinite(table)):
+            raise ValueError(
+                "`table` must be finite. Received: a table with "
+                f"{int(np.sum(~np.isfinite(table)))} NaN/Inf entries"
+            )
+        if rounding not in quantizers.SUPPORTED_ROUNDING:
+            raise ValueError(
+                f"`rounding` must be one of {quantizers.SUPPORTED_ROUNDING}. "
+                f"Received: rounding={rounding!r}"
+            )
+        step = quantizers.lsq_initial_step_size(
+            table,
+            self.num_bits,
+            per_row=self.step_size == "row",
+            minimum=self.min_step_size,
+        )
+        codes = self._quantize_rows(
+            table,
+            step,
+            tf.range(self.input_dim, dtype=tf.int64),
+            quantizers.INIT_STEP,
+            rounding,
+        )
+        self.step_sizes.assign(step)
+        self._table.storage.write_all(codes)
+
+    @classmethod
+    def from_embedding(cls, embedding, **kwargs):
+        """A new `ALPTEmbedding` warm-started from a float embedding layer.
+
+        Args:
+            embedding: a built `keras.layers.Embedding` (or any layer with an
+                `embeddings` variable of shape `[V, D]`).
+            **kwargs: other `ALPTEmbedding` arguments (`num_bits`, ...).
+        """
+        weights = getattr(embedding, "embeddings", None)
+        if weights is None:
+            raise ValueError(
+                "`embedding` must be a built layer with an `embeddings` "
+                f"variable. Received: {embedding!r}"
+            )
+        table = np.asarray(weights.numpy(), dtype=np.float32)
+        layer = cls(input_dim=table.shape[0], output_dim=table.shape[1],
+                    **kwargs)
+        layer.set_float_table(table)
+        return layer
+
+    def _ensure_built(self):
+        if self._table is None:
+            self.build(None)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "input_dim": self.input_dim,
+                "output_dim": self.output_dim,
+                "num_bits": self.num_bits,
+                "step_size": self.step_size,
+                "rounding": self.rounding,
+                "learn_step_size": self.learn_step_size,
+                "embeddings_initializer": keras.initializers.serialize(
+                    self.embeddings_initializer
+                ),
+                "seed": self.seed,
+                "combiner": self.combiner,
+                "min_step_size": self.min_step_size,
+                "noise_salt": self.noise_salt,
+            }
+        )
+        return config

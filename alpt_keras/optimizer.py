@@ -1,0 +1,643 @@
+"""`ALPTOptimizer`: wraps a Keras optimizer and owns every ALPT table update."""
+
+import functools
+
+import tensorflow as tf
+
+from alpt_keras import _keras, quantizers
+from alpt_keras.table import find_table, register_optimizer
+
+keras = _keras.keras
+
+SUPPORTED_EMBEDDING_OPTIMIZERS = (
+    "rowwise_adagrad",
+    "adagrad",
+    "sgd",
+    "lazy_adam",
+)
+SUPPORTED_STEP_SIZE_OPTIMIZERS = ("adam", "adagrad", "sgd")
+
+# Bytes of table-optimizer state per row of width D (float32 slots).
+EMBEDDING_STATE_BYTES = {
+    "rowwise_adagrad": lambda d: 4,
+    "adagrad": lambda d: 4 * d,
+    "sgd": lambda d: 0,
+    "lazy_adam": lambda d: 8 * d,
+}
+_DEFAULT_EMBEDDING_LR = {
+    "rowwise_adagrad": 0.01,
+    "adagrad": 0.01,
+    "sgd": 0.01,
+    "lazy_adam": 0.001,
+}
+# References learn a per-row Δ with Adam at lr 2e-5 and a per-table Δ at 1e-6.
+_DEFAULT_STEP_SIZE_LR = {"row": 2e-5, "table": 1e-6}
+
+
+def _check_float(name, value, minimum=0.0, allow_none=False, inclusive=False):
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        value = float(value)
+        ok = value >= minimum if inclusive else value > minimum
+        ok = ok and value != float("inf")
+    if not ok:
+        bound = ">=" if inclusive else ">"
+        raise ValueError(
+            f"`{name}` must be a finite number {bound} {minimum}. "
+            f"Received: {name}={value!r}"
+        )
+    return value
+
+
+class _VariableList(list):
+    """A list that is also callable: tf_keras code calls `variables()`."""
+
+    def __call__(self):
+        return self
+
+
+def _optimizer_base_classes():
+    classes = [keras.optimizers.Optimizer]
+    legacy = getattr(keras.optimizers, "legacy", None)
+    if legacy is not None and hasattr(legacy, "Optimizer"):
+        classes.append(legacy.Optimizer)
+    return tuple(classes)
+
+
+@_keras.register
+class ALPTOptimizer(keras.optimizers.Optimizer):
+    """Optimizer wrapper that trains `ALPTEmbedding` tables in low precision.
+
+    Dense variables go to `inner_optimizer` unchanged (its learning-rate
+    schedule, clipping and weight decay apply to them only). For every ALPT
+    table, each step:
+
+    1. sums the row gradients of all replicas and of duplicate ids
+       (`unique` + `unsorted_segment_sum`): `g_i` for the touched rows `U`;
+    2. dequantizes the touched rows `w_i = Δ_i ŵ_i` and applies the table
+       optimizer to them only: `w'_i = EmbOpt(w_i, g_i)`;
+    3. learns the step size (ALPT; skipped when the layer has
+       `learn_step_size=False`) with the LSQ gradient
+       `∂L/∂Δ_i = γ Σ_j g_ij s_ij`, `s_ij = R_D(v) - v` inside the range and
+       `-Q_N` / `Q_P` outside it, `v = w'_i / Δ_i`, `γ = 1/sqrt(N Q_P)`,
+       applied with the step-size optimizer and kept `>= min_step_size`
+       (the one-pass form: `g_i` stands in for the gradient of a second pass);
+    4. writes back `ŵ_i = clip(R(w'_i / Δ'_i), -Q_N, Q_P)` with the layer's
+       rounding; stochastic noise is a hash of (seed, salt, step, row, column).
+
+    Only the touched rows of codes and optimizer state are read or written:
+    no `[V, D]` operation per step. Updates are computed once, in
+    cross-replica context, and written identically to every replica copy. A
+    step whose table gradients contain NaN/Inf leaves every table (codes, Δ,
+    table-optimizer state, step counter) bitwise unchanged and increments
+    `skipped_table_updates`.
+
+    Table optimizers and their state per row of width `D`:
+    `"rowwise_adagrad"` (default; `a_i += mean_j g_ij²`,
+    `w -= lr g / (sqrt(a_i) + ε)`; 4 bytes), `"adagrad"` (per element; 4·D
+    bytes), `"sgd"` (none) and `"lazy_adam"` (moments read and written for
+    touched rows only, bias-corrected with the global table step; 8·D bytes).
+    Step-size optimizers: `"adam"` (default; 8 bytes per step size),
+    `"adagrad"` (4 bytes) or `"sgd"` (none).
+
+    Args:
+        inner_optimizer: a Keras optimizer of the active Keras flavour, for
+            the dense (non-embedding) variables.
+        embedding_optimizer: one of `SUPPORTED_EMBEDDING_OPTIMIZERS`.
+            Defaults to `"rowwise_adagrad"`.
+        embedding_learning_rate: float > 0, or `None` for the table
+            optimizer's default (`0.001` for lazy Adam, `0.01` otherwise).
+        step_size_optimizer: one of `SUPPORTED_STEP_SIZE_OPTIMIZERS`.
+            Defaults to `"adam"` (the paper's choice).
+        step_size_learning_rate: float > 0, or `None` for `2e-5` on per-row
+            and `1e-6` on per-table step sizes.
+        beta_1: float in [0, 1). Adam first-moment decay. Defaults to `0.9`.
+        beta_2: float in [0, 1). Adam second-moment decay. Defaults to
+            `0.999`.
+        epsilon: float > 0. Table-optimizer epsilon. Defaults to `1e-8`.
+        step_size_epsilon: float > 0. Step-size-optimizer epsilon. LSQ's
+            `γ` makes step-size gradients tiny (around `1e-9` on CTR data); a
+            Keras-style `1e-7` would silently freeze Δ. Defaults to `1e-12`.
+        initial_accumulator_value: float >= 0. Starting Adagrad accumulator
+            for table and step-size Adagrad. Defaults to `0.0`.
+        name: str. Defaults to `"alpt_optimizer"`.
+
+    Example:
+
+    >>> opt = ALPTOptimizer(keras.optimizers.Adam(1e-3))
+    >>> opt.embedding_optimizer
+    'rowwise_adagrad'
+
+    References:
+        - Li et al., "Learning Accurate Low-bit Embeddings for CTR
+          Prediction via Adaptive Low-Precision Training", AAAI 2023.
+    """
+
+    def __init__(
+        self,
+        inner_optimizer,
+        embedding_optimizer="rowwise_adagrad",
+        embedding_learning_rate=None,
+        step_size_optimizer="adam",
+        step_size_learning_rate=None,
+        beta_1=0.9,
+        beta_2=0.999,
+        epsilon=1e-8,
+        step_size_epsilon=1e-12,
+        initial_accumulator_value=0.0,
+        name="alpt_optimizer",
+        **kwargs,
+    ):
+        if kwargs:
+            raise TypeError(
+                "ALPTOptimizer does not take these arguments: "
+                f"{sorted(kwargs)}. Set clipping, weight decay and EMA on the "
+                "`inner_optimizer` (they apply to the dense variables). "
+                f"Received: {kwargs}"
+            )
+        if isinstance(inner_optimizer, ALPTOptimizer):
+            raise ValueError(
+                "`inner_optimizer` must be a plain Keras optimizer, not "
+                f"another ALPTOptimizer. Received: {inner_optimizer!r}"
+            )
+        if not isinstance(inner_optimizer, _optimizer_base_classes()):
+            flavour = "Keras 3" if _keras.IS_KERAS_3 else "tf_keras"
+            raise TypeError(
+                "`inner_optimizer` must be an optimizer of the active Keras "
+                f"flavour ({flavour}, `{keras.__name__}.optimizers`). "
+                f"Received: {inner_optimizer!r}"
+            )
+        if "LossScaleOptimizer" in type(inner_optimizer).__name__:
+            raise NotImplementedError(
+                "ALPTOptimizer does not support loss scaling yet: the table "
+                "gradients would stay scaled. Train with float32 or "
+                "mixed_bfloat16 (no loss scaling). Received: inner_optimizer="
+                f"{type(inner_optimizer).__name__}"
+            )
+        if embedding_optimizer not in SUPPORTED_EMBEDDING_OPTIMIZERS:
+            raise ValueError(
+                "`embedding_optimizer` must be one of "
+                f"{SUPPORTED_EMBEDDING_OPTIMIZERS}. "
+                f"Received: embedding_optimizer={embedding_optimizer!r}"
+            )
+        if step_size_optimizer not in SUPPORTED_STEP_SIZE_OPTIMIZERS:
+            raise ValueError(
+                "`step_size_optimizer` must be one of "
+                f"{SUPPORTED_STEP_SIZE_OPTIMIZERS}. "
+                f"Received: step_size_optimizer={step_size_optimizer!r}"
+            )
+        embedding_learning_rate = _check_float(
+            "embedding_learning_rate", embedding_learning_rate, allow_none=True
+        )
+        step_size_learning_rate = _check_float(
+            "step_size_learning_rate", step_size_learning_rate, allow_none=True
+        )
+        for arg, value in (("beta_1", beta_1), ("beta_2", beta_2)):
+            value = _check_float(arg, value, 0.0, inclusive=True)
+            if value >= 1.0:
+                raise ValueError(
+                    f"`{arg}` must be in [0, 1). Received: {arg}={value!r}"
+                )
+        if _keras.IS_KERAS_3:
+            super().__init__(learning_rate=0.0, name=name)
+        else:
+            super().__init__(name=name)
+        self.inner_optimizer = inner_optimizer
+        self.embedding_optimizer = embedding_optimizer
+        self.embedding_learning_rate = embedding_learning_rate
+        self.step_size_optimizer = step_size_optimizer
+        self.step_size_learning_rate = step_size_learning_rate
+        self.beta_1 = float(beta_1)
+        self.beta_2 = float(beta_2)
+        self.epsilon = _check_float("epsilon", epsilon)
+        self.step_size_epsilon = _check_float(
+            "step_size_epsilon", step_size_epsilon
+        )
+        self.initial_accumulator_value = _check_float(
+            "initial_accumulator_value",
+            initial_accumulator_value,
+            inclusive=True,
+        )
+        self._alpt_built = False
+        self._tables = []
+        self._slots = []
+        register_optimizer(self)
+
+    # -------------------------------------------------------- forwarding
+    @property
+    def learning_rate(self):
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        # The base constructors set a learning rate before the inner
+        # optimizer exists; that placeholder is ignored.
+        if "inner_optimizer" in self.__dict__:
+            self.inner_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.inner_optimizer.iterations
+
+    @iterations.setter
+    def iterations(self, variable):
+        # tf_keras assigns `iterations` in its constructor; keep ours.
+        self._iterations = variable
+
+    @property
+    def variables(self):
+        return _VariableList(
+            list(self._variables) + list(self.inner_optimizer.variables)
+        )
+
+    @property
+    def table_iterations(self):
+        """int64 variable: table steps applied (the noise and Adam step)."""
+        return self._table_iterations
+
+    @property
+    def skipped_table_updates(self):
+        """int64 variable: steps whose table update was skipped (NaN/Inf)."""
+        return self._skipped_table_updates
+
+    @property
+    def built(self):
+        return self._alpt_built
+
+    @built.setter
+    def built(self, value):
+        # Keras 3's base constructor writes `built = False`.
+        self._alpt_built = bool(value)
+
+    def finalize_variable_values(self, var_list):
+        dense = [v for v in var_list if find_table(v) is None]
+        self.inner_optimizer.finalize_variable_values(dense)
+
+    # ------------------------------------------------------------- build
+    def build(self, var_list):
+        if self._alpt_built:
+            return
+        var_list = list(var_list)
+        dense = [v for v in var_list if find_table(v) is None]
+        tables = []
+        for variable in var_list:
+            table = find_table(variable)
+            if table is not None and all(table is not t for t in tables):
+                tables.append(table)
+        self.inner_optimizer.build(dense)
+        self._build_own_variables(tables)
+
+    def _build_own_variables(self, tables):
+        add = functools.partial(_keras.add_optimizer_variable, self)
+        self._table_iterations = add((), "int64", "table_iterations")
+        self._skipped_table_updates = add(
+            (), "int64", "skipped_table_updates"
+        )
+        init_acc = keras.initializers.Constant(self.initial_accumulator_value)
+        for table in tables:
+            rows, width = table.input_dim, table.output_dim
+            prefix = table.name
+            slots = {}
+            if self.embedding_optimizer == "rowwise_adagrad":
+                slots["accumulator"] = add(
+                    (rows, 1), "float32", f"{prefix}_accumulator", init_acc
+                )
+            elif self.embedding_optimizer == "adagrad":
+                slots["accumulator"] = add(
+                    (rows, width), "float32", f"{prefix}_accumulator", init_acc
+                )
+            elif self.embedding_optimizer == "lazy_adam":
+                slots["m"] = add((rows, width), "float32", f"{prefix}_m")
+                slots["v"] = add((rows, width), "float32", f"{prefix}_v")
+            if table.learn_step_size:
+                step_rows = rows if table.per_row else 1
+                if self.step_size_optimizer == "adam":
+                    slots["step_m"] = add(
+                        (step_rows, 1), "float32", f"{prefix}_step_size_m"
+                    )
+                    slots["step_v"] = add(
+                        (step_rows, 1), "float32", f"{prefix}_step_size_v"
+                    )
+                elif self.step_size_optimizer == "adagrad":
+                    slots["step_accumulator"] = add(
+                        (step_rows, 1),
+                        "float32",
+                        f"{prefix}_step_size_accumulator",
+                        init_acc,
+                    )
+            table.claim(self)
+            self._tables.append(table)
+            self._slots.append(slots)
+        self._alpt_built = True
+        if not _keras.IS_KERAS_3:
+            self._built = True
+
+    # ------------------------------------------------------------- apply
+    def apply_gradients(self, grads_and_vars, *args, **kwargs):
+        """Applies dense gradients with the inner optimizer, rows here.
+
+        Extra arguments go to the inner optimizer's `apply_gradients`;
+        `skip_gradients_aggregation=True` (tf_keras) also skips the
+        all-reduce of table gradients.
+        """
+        grads_and_vars = list(grads_and_vars)
+        aggregate = not kwargs.get("skip_gradients_aggregation", False)
+        aggregate = aggregate and kwargs.get(
+            "experimental_aggregate_gradients", True
+        )
+        return self._apply(grads_and_vars, aggregate, args, kwargs)
+
+    def apply(self, grads, trainable_variables=None):
+        """Keras 3 entry point: `apply(grads, trainable_variables)`."""
+        if trainable_variables is None:
+            raise ValueError(
+                "ALPTOptimizer.apply needs `trainable_variables`. "
+                "Received: trainable_variables=None"
+            )
+        return self._apply(
+            list(zip(grads, trainable_variables)), True, (), {}
+        )
+
+    def minimize(self, loss, var_list, tape=None):
+        """tf_keras entry point used by `Model.fit`: build first, then apply."""
+        if callable(var_list):
+            var_list = var_list()
+        if not self._alpt_built:
+            with tf.init_scope():
+                self.build(var_list)
+        return super().minimize(loss, var_list, tape=tape)
+
+    def _apply(self, grads_and_vars, aggregate, args, kwargs):
+        dense, table_grads = [], []
+        for grad, variable in grads_and_vars:
+            table = find_table(variable)
+            if table is None:
+                dense.append((grad, variable))
+            elif grad is not None:
+                table_grads.append((table, grad))
+        if not self._alpt_built:
+            with tf.init_scope():
+                self.build([v for _, v in grads_and_vars])
+        result = None
+        if dense:
+            result = self.inner_optimizer.apply_gradients(
+                dense, *args, **kwargs
+            )
+        if table_grads:
+            self._apply_tables(table_grads, aggregate, count_step=not dense)
+        return self.iterations if result is None else result
+
+    def _apply_tables(self, table_grads, aggregate, count_step):
+        if _keras.in_xla_context():
+            raise NotImplementedError(
+                "ALPTOptimizer cannot update ALPT tables under XLA (unique, "
+                "integer scatters and id checks are not XLA-safe). Compile "
+                "with `jit_compile=False`. Received: an apply inside an "
+                "XLA-compiled function."
+            )
+        tables, slices = [], []
+        for table, grad in table_grads:
+            if table.claimed_by is None or table.claimed_by() is not self:
+                raise ValueError(
+                    f"The ALPT table of layer '{table.name}' was not part of "
+                    "the variables this ALPTOptimizer was built with. "
+                    "Received: a gradient for it."
+                )
+            if not isinstance(grad, tf.IndexedSlices):
+                raise TypeError(
+                    f"The gradient of ALPT table '{table.name}' must be the "
+                    "`tf.IndexedSlices` produced by ALPTEmbedding. Received: "
+                    f"{type(grad).__name__}"
+                )
+            tables.append(table)
+            slices.append(
+                tf.IndexedSlices(
+                    tf.cast(grad.values, tf.float32),
+                    tf.cast(grad.indices, tf.int64),
+                    grad.dense_shape,
+                )
+            )
+        update = functools.partial(self._update_tables, tables, count_step)
+        context = tf.distribute.get_replica_context()
+        if tf.distribute.has_strategy() and context is not None:
+            if aggregate:
+                # Concatenates the slices of all replicas (duplicates stay).
+                slices = context.all_reduce(tf.distribute.ReduceOp.SUM, slices)
+            flat = [(s.indices, s.values) for s in slices]
+            return context.merge_call(update, args=(flat,))
+        flat = [(s.indices, s.values) for s in slices]
+        return update(tf.distribute.get_strategy(), flat)
+
+    def _update_tables(self, tables, count_step, strategy, flat):
+        """Cross-replica: computes every table's new rows once, writes them.
+
+        Computing once and writing the same tensors to every copy keeps the
+        replicas bit-identical even where a kernel (GPU segment sums) is not
+        deterministic.
+        """
+        prepared = []
+        finite = tf.constant(True)
+        for table, (ids, values) in zip(tables, flat):
+            ids = strategy.experimental_local_results(ids)[0]
+            values = strategy.experimental_local_results(values)[0]
+            unique_ids, positions = tf.unique(ids)
+            grads = tf.math.unsorted_segment_sum(
+                values, positions, tf.shape(unique_ids)[0]
+            )  # (U, D)
+            in_range = tf.logical_and(
+                tf.reduce_all(unique_ids >= 0),
+                tf.reduce_all(unique_ids < table.input_dim),
+            )
+            check = tf.debugging.Assert(
+                in_range,
+                [
+                    f"ALPTOptimizer: row ids of table '{table.name}' must be "
+                    f"in [0, {table.input_dim}). Received ids:",
+                    unique_ids,
+                ],
+                summarize=10,
+            )
+            with tf.control_dependencies([check]):
+                unique_ids = tf.identity(unique_ids)
+            finite = tf.logical_and(
+                finite, tf.reduce_all(tf.math.is_finite(grads))
+            )
+            prepared.append((table, unique_ids, grads))
+        step = tf.convert_to_tensor(self._table_iterations)
+        writes = []
+        for table, unique_ids, grads in prepared:
+            slots = self._slots[self._tables.index(table)]
+            writes.extend(
+                self._update_one_table(
+                    table, slots, unique_ids, grads, step, finite
+                )
+            )
+        with tf.control_dependencies(writes):
+            applied = tf.cast(finite, tf.int64)
+            ops = [
+                self._table_iterations.assign_add(applied),
+                self._skipped_table_updates.assign_add(1 - applied),
+            ]
+            if count_step:
+                # No dense variable: the inner optimizer did not step, but
+                # `iterations` still counts training steps (callbacks use it).
+                ops.append(self.inner_optimizer.iterations.assign_add(1))
+        return tf.group(ops)
+
+    def _update_one_table(self, table, slots, ids, grads, step, finite):
+        """Returns the write ops of one table's step (rows `ids` only)."""
+        codes = table.storage.read_rows(ids)  # (U, D) int32
+        step_size = table.read_step_sizes(ids)  # (U, 1) or (1, 1)
+        weights = quantizers.dequantize(codes, step_size)  # (U, D)
+        t = tf.cast(step + 1, tf.float32)
+
+        def rows(name):
+            return tf.nn.embedding_lookup(
+                _keras.tf_variable(slots[name]), ids
+            )
+
+        old_state = {name: rows(name) for name in ("accumulator", "m", "v")
+                     if name in slots}
+        new_weights, new_state = self._embedding_step(
+            weights, grads, old_state, t,
+            self._embedding_lr(),
+        )
+        new_step_size = step_size
+        old_step_state, new_step_state = {}, {}
+        if table.learn_step_size:
+            step_grad = quantizers.lsq_step_size_gradient(
+                new_weights, step_size, grads, table.num_bits,
+                table.num_shared,
+            )  # (U, 1)
+            if not table.per_row:
+                step_grad = tf.reduce_sum(step_grad, axis=0, keepdims=True)
+            for name in ("step_m", "step_v", "step_accumulator"):
+                if name in slots:
+                    if table.per_row:
+                        old_step_state[name] = rows(name)
+                    else:
+                        old_step_state[name] = tf.convert_to_tensor(
+                            _keras.tf_variable(slots[name])
+                        )
+            new_step_size, new_step_state = self._step_size_step(
+                step_size, step_grad, old_step_state, t,
+                self._step_size_lr(table),
+            )
+            new_step_size = tf.maximum(new_step_size, table.min_step_size)
+        noise = None
+        if table.rounding == "stochastic":
+            noise = quantizers.hash_uniform(
+                table.seed, table.salt, step, ids, table.output_dim
+            )
+        new_codes = quantizers.quantize(
+            new_weights, new_step_size, table.num_bits, table.rounding, noise
+        )
+        # A non-finite step writes the old values back: bitwise unchanged.
+        writes = [
+            table.storage.write_rows(ids, tf.where(finite, new_codes, codes))
+        ]
+        for name, value in new_state.items():
+            writes.append(
+                _keras.tf_variable(slots[name]).scatter_update(
+                    tf.IndexedSlices(
+                        tf.where(finite, value, old_state[name]), ids
+                    )
+                )
+            )
+        if table.learn_step_size:
+            writes.append(
+                table.write_step_sizes(
+                    ids, tf.where(finite, new_step_size, step_size)
+                )
+            )
+            for name, value in new_step_state.items():
+                kept = tf.where(finite, value, old_step_state[name])
+                variable = _keras.tf_variable(slots[name])
+                if table.per_row:
+                    writes.append(
+                        variable.scatter_update(tf.IndexedSlices(kept, ids))
+                    )
+                else:
+                    writes.append(variable.assign(kept))
+        return writes
+
+    def _embedding_lr(self):
+        if self.embedding_learning_rate is not None:
+            return self.embedding_learning_rate
+        return _DEFAULT_EMBEDDING_LR[self.embedding_optimizer]
+
+    def _step_size_lr(self, table):
+        if self.step_size_learning_rate is not None:
+            return self.step_size_learning_rate
+        return _DEFAULT_STEP_SIZE_LR[table.step_size_mode]
+
+    def _embedding_step(self, w, g, state, t, lr):
+        """Full-precision table-optimizer step on the touched rows."""
+        kind = self.embedding_optimizer
+        if kind == "sgd":
+            return w - lr * g, {}
+        if kind == "rowwise_adagrad":
+            acc = state["accumulator"] + tf.reduce_mean(
+                tf.square(g), axis=-1, keepdims=True
+            )  # (U, 1)
+            return w - lr * g / (tf.sqrt(acc) + self.epsilon), {
+                "accumulator": acc
+            }
+        if kind == "adagrad":
+            acc = state["accumulator"] + tf.square(g)
+            return w - lr * g / (tf.sqrt(acc) + self.epsilon), {
+                "accumulator": acc
+            }
+        m, v = self._adam_moments(state["m"], state["v"], g)
+        return w - lr * self._adam_direction(m, v, t, self.epsilon), {
+            "m": m,
+            "v": v,
+        }
+
+    def _step_size_step(self, step_size, g, state, t, lr):
+        kind = self.step_size_optimizer
+        if kind == "sgd":
+            return step_size - lr * g, {}
+        if kind == "adagrad":
+            acc = state["step_accumulator"] + tf.square(g)
+            direction = g / (tf.sqrt(acc) + self.step_size_epsilon)
+            return step_size - lr * direction, {"step_accumulator": acc}
+        m, v = self._adam_moments(state["step_m"], state["step_v"], g)
+        direction = self._adam_direction(m, v, t, self.step_size_epsilon)
+        return step_size - lr * direction, {"step_m": m, "step_v": v}
+
+    def _adam_moments(self, m, v, g):
+        m = self.beta_1 * m + (1.0 - self.beta_1) * g
+        v = self.beta_2 * v + (1.0 - self.beta_2) * tf.square(g)
+        return m, v
+
+    def _adam_direction(self, m, v, t, epsilon):
+        m_hat = m / (1.0 - tf.pow(self.beta_1, t))
+        v_hat = v / (1.0 - tf.pow(self.beta_2, t))
+        return m_hat / (tf.sqrt(v_hat) + epsilon)
+
+    # ----------------------------------------------------- serialization
+    def get_config(self):
+        return {
+            "name": self.name,
+            "inner_optimizer": keras.optimizers.serialize(self.inner_optimizer),
+            "embedding_optimizer": self.embedding_optimizer,
+            "embedding_learning_rate": self.embedding_learning_rate,
+            "step_size_optimizer": self.step_size_optimizer,
+            "step_size_learning_rate": self.step_size_learning_rate,
+            "beta_1": self.beta_1,
+            "beta_2": self.beta_2,
+            "epsilon": self.epsilon,
+            "step_size_epsilon": self.step_size_epsilon,
+            "initial_accumulator_value": self.initial_accumulator_value,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        inner = keras.optimizers.deserialize(
+            config.pop("inner_optimizer"), custom_objects=custom_objects
+        )
+        return cls(inner, **config)
