@@ -1,5 +1,6 @@
 """`ALPTOptimizer`: wraps a Keras optimizer and owns every ALPT table update."""
 
+import copy
 import functools
 
 import tensorflow as tf
@@ -636,7 +637,8 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
+        # Keras's deserialize edits nested dicts in place: copy first.
+        config = copy.deepcopy(config)
         inner = keras.optimizers.deserialize(
             config.pop("inner_optimizer"), custom_objects=custom_objects
         )

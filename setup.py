@@ -1,0 +1,35 @@
+"""Installs `alpt_keras`, with `models/` and `export/` as its subpackages."""
+
+from setuptools import setup
+
+setup(
+    name="alpt_keras",
+    version="0.1.0",
+    description=(
+        "Adaptive low-precision (ALPT) embedding tables for TensorFlow/Keras "
+        "CTR models, trained and served as integer codes."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=["alpt_keras", "alpt_keras.models", "alpt_keras.export"],
+    package_dir={
+        "alpt_keras": "alpt_keras",
+        "alpt_keras.models": "models",
+        "alpt_keras.export": "export",
+    },
+    # Versions checked together on CPU (TF 2.21 era); TFRS needs tf_keras.
+    install_requires=[
+        "tensorflow==2.21.0",
+        "tf-keras==2.21.0",
+        "keras==3.15.1",
+        "tensorflow-recommenders==0.7.7",
+        "tensorflow-serving-api==2.21.0",
+        "numpy>=1.26,<2.5",
+    ],
+    extras_require={
+        "test": ["pytest==9.0.3", "pytest-timeout==2.4.0", "ruff==0.17.6"],
+    },
+    entry_points={"console_scripts": ["alpt-train=alpt_keras.cli:main"]},
+    license="Apache-2.0",
+)
