@@ -6,20 +6,59 @@ runs but silently drops its weights, so the flavour is chosen once, at import,
 from what `tf.keras` resolves to. The flavour cannot change inside a process.
 """
 
+import json
+import os
+
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
-IS_KERAS_3 = hasattr(tf.keras, "version")
 
-if IS_KERAS_3:
-    import keras
 
-    if keras.backend.backend() != "tensorflow":
+def _configured_backend():
+    """The Keras 3 backend as Keras will pick it: env var, then keras.json.
+
+    Read before importing Keras, because importing Keras with a backend that
+    is not installed fails before any check could explain it.
+    """
+    backend = os.environ.get("KERAS_BACKEND")
+    if backend:
+        return backend
+    home = os.environ.get("KERAS_HOME") or os.path.join(
+        os.path.expanduser("~"), ".keras"
+    )
+    try:
+        with open(os.path.join(home, "keras.json"), encoding="utf-8") as f:
+            return json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"
+
+
+def _check_backend(backend):
+    if backend != "tensorflow":
         raise ImportError(
             "alpt_keras needs the TensorFlow backend of Keras 3. "
-            f"Received: KERAS_BACKEND={keras.backend.backend()!r}. Set "
+            f"Received: KERAS_BACKEND={backend!r}. Set "
             "`KERAS_BACKEND=tensorflow` (or unset it) before importing keras."
         )
+
+
+def _resolve_flavour():
+    """True for Keras 3, False for tf_keras, from what `tf.keras` is."""
+    try:
+        return hasattr(tf.keras, "version")
+    except ImportError:
+        # TensorFlow cannot load Keras 3 with a non-TensorFlow backend.
+        _check_backend(_configured_backend())
+        raise
+
+
+IS_KERAS_3 = _resolve_flavour()
+
+if IS_KERAS_3:
+    _check_backend(_configured_backend())
+    import keras
+
+    _check_backend(keras.backend.backend())
 else:
     import tf_keras as keras
 

@@ -182,6 +182,7 @@ class ALPTEmbedding(keras.layers.Layer):
         # containing this layer (unique, scatter and asserts are not XLA-safe).
         self.supports_jit = False
         self._table = None
+        self._training = False
 
     # ------------------------------------------------------------------ build
     def build(self, input_shape=None):
@@ -258,7 +259,10 @@ class ALPTEmbedding(keras.layers.Layer):
         return quantizers.quantize(w, step, self.num_bits, rounding, noise)
 
     # ------------------------------------------------------------------- call
-    def call(self, inputs):
+    def call(self, inputs, training=None):
+        # Only a training-mode pass insists on an ALPTOptimizer: gradients
+        # taken for inspection need none.
+        self._training = training is True
         if _keras.in_xla_context():
             raise NotImplementedError(
                 f"ALPTEmbedding '{self.name}' cannot run under XLA: XLA drops "
@@ -330,6 +334,7 @@ class ALPTEmbedding(keras.layers.Layer):
     def _lookup(self, ids):
         """Dequantized rows `[N, D]` whose gradient flows to the carrier."""
         table = self._table
+        training = self._training
         rows = quantizers.dequantize(
             table.storage.read_rows(ids), table.read_step_sizes(ids)
         )
@@ -340,7 +345,8 @@ class ALPTEmbedding(keras.layers.Layer):
         @tf.custom_gradient
         def attach(carrier, rows):
             def grad(upstream):
-                table.check_optimizer()
+                if training:
+                    table.check_optimizer()
                 row_grads = tf.IndexedSlices(
                     tf.cast(upstream, tf.float32), ids, dense_shape
                 )
