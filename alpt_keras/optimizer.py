@@ -16,7 +16,7 @@ SUPPORTED_EMBEDDING_OPTIMIZERS = (
     "sgd",
     "lazy_adam",
 )
-SUPPORTED_STEP_SIZE_OPTIMIZERS = ("adam", "adagrad", "sgd")
+SUPPORTED_STEP_SIZE_OPTIMIZERS = ("rowwise", "adam", "adagrad", "sgd")
 
 # Bytes of table-optimizer state per row of width D (float32 slots).
 EMBEDDING_STATE_BYTES = {
@@ -31,8 +31,18 @@ _DEFAULT_EMBEDDING_LR = {
     "sgd": 0.01,
     "lazy_adam": 0.001,
 }
-# References learn a per-row Δ with Adam at lr 2e-5 and a per-table Δ at 1e-6.
-_DEFAULT_STEP_SIZE_LR = {"row": 2e-5, "table": 1e-6}
+# Default step-size learning rates by (optimizer, step-size mode). "rowwise"
+# is relative (a fraction of Δ); the others are absolute, and references
+# learn a per-row Δ with Adam at 2e-5 and a per-table Δ at 1e-6. Plain SGD
+# has no sensible default: LSQ step-size gradients are ~1e-9 on CTR data.
+_DEFAULT_STEP_SIZE_LR = {
+    ("rowwise", "row"): 0.03,
+    ("rowwise", "table"): 0.03,
+    ("adam", "row"): 2e-5,
+    ("adam", "table"): 1e-6,
+    ("adagrad", "row"): 2e-5,
+    ("adagrad", "table"): 1e-6,
+}
 
 
 def _check_float(name, value, minimum=0.0, allow_none=False, inclusive=False):
@@ -100,30 +110,24 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
     `w -= lr g / (sqrt(a_i) + ε)`; 4 bytes), `"adagrad"` (per element; 4·D
     bytes), `"sgd"` (none) and `"lazy_adam"` (moments read and written for
     touched rows only, bias-corrected with the global table step; 8·D bytes).
-    Step-size optimizers: `"adam"` (default; 8 bytes per step size),
-    `"adagrad"` (4 bytes) or `"sgd"` (none).
 
-    Args:
-        inner_optimizer: a Keras optimizer of the active Keras flavour, for
-            the dense (non-embedding) variables.
-        embedding_optimizer: one of `SUPPORTED_EMBEDDING_OPTIMIZERS`.
-            Defaults to `"rowwise_adagrad"`.
-        embedding_learning_rate: float > 0, or `None` for the table
-            optimizer's default (`0.001` for lazy Adam, `0.01` otherwise).
-        step_size_optimizer: one of `SUPPORTED_STEP_SIZE_OPTIMIZERS`.
-            Defaults to `"adam"` (the paper's choice).
-        step_size_learning_rate: float > 0, or `None` for `2e-5` on per-row
-            and `1e-6` on per-table step sizes.
-        beta_1: float in [0, 1). Adam first-moment decay. Defaults to `0.9`.
-        beta_2: float in [0, 1). Adam second-moment decay. Defaults to
-            `0.999`.
-        epsilon: float > 0. Table-optimizer epsilon. Defaults to `1e-8`.
-        step_size_epsilon: float > 0. Step-size-optimizer epsilon. LSQ's
-            `γ` makes step-size gradients tiny (around `1e-9` on CTR data); a
-            Keras-style `1e-7` would silently freeze Δ. Defaults to `1e-12`.
-        initial_accumulator_value: float >= 0. Starting Adagrad accumulator
-            for table and step-size Adagrad. Defaults to `0.0`.
-        name: str. Defaults to `"alpt_optimizer"`.
+    Step-size optimizers (state per step size):
+    - `"rowwise"` (default; 4 bytes): `b_i += mean_j g_ij²`,
+      `Δ_i ← Δ_i · (1 - lr · (∂L/∂Δ_i) / (sqrt(b_i) + ε_Δ))`. Δ's gradient
+      is scaled by its rows' gradient RMS, the scaling LSQ's `γ` assumes
+      (step size and weights share one update rule), and `lr` is a fraction
+      of Δ, so the default suits every bit width and initial scale.
+    - `"adam"` (the paper's choice; 8 bytes) and `"adagrad"` (4 bytes)
+      normalise Δ's gradient by its own magnitude. At 8 bits that gradient
+      is mostly quantization noise, so they random-walk Δ; their learning
+      rates are absolute (defaults `2e-5` per row, `1e-6` per table).
+    - `"sgd"` (none): needs an explicit `step_size_learning_rate`.
+
+    A learned Δ makes training sensitive to float rounding order: the LSQ
+    gradient jumps where `w/Δ` crosses a half-integer. Replica copies are
+    always bit-identical; runs with a different number of replicas agree
+    closely for the first steps and then drift apart as any two runs with
+    different float summation order do (README, "Reproducibility").
 
     Example:
 
@@ -141,7 +145,7 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
         inner_optimizer,
         embedding_optimizer="rowwise_adagrad",
         embedding_learning_rate=None,
-        step_size_optimizer="adam",
+        step_size_optimizer="rowwise",
         step_size_learning_rate=None,
         beta_1=0.9,
         beta_2=0.999,
@@ -188,6 +192,13 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
                 "`step_size_optimizer` must be one of "
                 f"{SUPPORTED_STEP_SIZE_OPTIMIZERS}. "
                 f"Received: step_size_optimizer={step_size_optimizer!r}"
+            )
+        if step_size_optimizer == "sgd" and step_size_learning_rate is None:
+            raise ValueError(
+                "`step_size_optimizer='sgd'` needs an explicit "
+                "`step_size_learning_rate` (LSQ step-size gradients are tiny "
+                "and depend on the loss scale). Received: "
+                "step_size_learning_rate=None"
             )
         embedding_learning_rate = _check_float(
             "embedding_learning_rate", embedding_learning_rate, allow_none=True
@@ -321,7 +332,7 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
                     slots["step_v"] = add(
                         (step_rows, 1), "float32", f"{prefix}_step_size_v"
                     )
-                elif self.step_size_optimizer == "adagrad":
+                elif self.step_size_optimizer in ("adagrad", "rowwise"):
                     slots["step_accumulator"] = add(
                         (step_rows, 1),
                         "float32",
@@ -524,7 +535,7 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
                         )
             new_step_size, new_step_state = self._step_size_step(
                 step_size, step_grad, old_step_state, t,
-                self._step_size_lr(table),
+                self._step_size_lr(table), grads, table.per_row,
             )
             new_step_size = tf.maximum(new_step_size, table.min_step_size)
         noise = None
@@ -572,7 +583,9 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
     def _step_size_lr(self, table):
         if self.step_size_learning_rate is not None:
             return self.step_size_learning_rate
-        return _DEFAULT_STEP_SIZE_LR[table.step_size_mode]
+        return _DEFAULT_STEP_SIZE_LR[
+            (self.step_size_optimizer, table.step_size_mode)
+        ]
 
     def _embedding_step(self, w, g, state, t, lr):
         """Full-precision table-optimizer step on the touched rows."""
@@ -597,10 +610,26 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
             "v": v,
         }
 
-    def _step_size_step(self, step_size, g, state, t, lr):
+    def _step_size_step(self, step_size, g, state, t, lr, row_grads,
+                        per_row):
         kind = self.step_size_optimizer
         if kind == "sgd":
             return step_size - lr * g, {}
+        if kind == "rowwise":
+            # Scale by the rows' gradient RMS (Adagrad-style), not by Δ's own
+            # gradient: continuous in g, so quantization noise in the LSQ
+            # gradient does not become full-size sign steps.
+            square = tf.square(row_grads)  # (U, D)
+            if per_row:
+                mean_square = tf.reduce_mean(square, axis=-1, keepdims=True)
+            else:
+                mean_square = tf.reshape(tf.reduce_mean(square), [1, 1])
+            acc = state["step_accumulator"] + mean_square
+            direction = g / (tf.sqrt(acc) + self.step_size_epsilon)
+            # Relative: `lr` is a fraction of Δ, free of init scale and bits.
+            return step_size * (1.0 - lr * direction), {
+                "step_accumulator": acc
+            }
         if kind == "adagrad":
             acc = state["step_accumulator"] + tf.square(g)
             direction = g / (tf.sqrt(acc) + self.step_size_epsilon)

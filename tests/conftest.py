@@ -29,6 +29,17 @@ def pytest_report_header(config):
     return f"alpt_keras flavour: {FLAVOUR} (tf.keras -> {tf.keras.__name__})"
 
 
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """One MirroredStrategy over the two logical CPUs for the whole process.
+
+    Several MirroredStrategy objects in one process reuse collective
+    instance keys and abort each other's collectives ("Collective instance
+    100 expected type 0 ... got type 2"), so tests share this one.
+    """
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
 @pytest.fixture(autouse=True)
 def _fresh_session():
     alpt_keras._keras.keras.backend.clear_session()

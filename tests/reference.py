@@ -132,6 +132,14 @@ class TableRef:
             sl = slice(None) if not self.per_row else uniq
             if self.step_opt == "sgd":
                 new_delta = delta - f32(self.step_lr) * gs
+            elif self.step_opt == "rowwise":
+                ms = np.mean(g * g, axis=1, keepdims=True, dtype=np.float32)
+                if not self.per_row:
+                    ms = np.mean(g * g, dtype=np.float32).reshape(1, 1)
+                a = self.sacc[sl] + ms
+                self.sacc[sl] = a
+                new_delta = delta * (f32(1) - f32(self.step_lr) * (
+                    gs / (np.sqrt(a) + f32(self.step_eps))))
             elif self.step_opt == "adagrad":
                 a = self.sacc[sl] + gs * gs
                 self.sacc[sl] = a
