@@ -13,7 +13,6 @@ import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
 
-
 def _configured_backend():
     """The Keras 3 backend as Keras will pick it: env var, then keras.json.
 

@@ -369,7 +369,7 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
                 "Received: trainable_variables=None"
             )
         return self._apply(
-            list(zip(grads, trainable_variables)), True, (), {}
+            list(zip(grads, trainable_variables, strict=True)), True, (), {}
         )
 
     def minimize(self, loss, var_list, tape=None):
@@ -451,7 +451,7 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
         """
         prepared = []
         finite = tf.constant(True)
-        for table, (ids, values) in zip(tables, flat):
+        for table, (ids, values) in zip(tables, flat, strict=True):
             ids = strategy.experimental_local_results(ids)[0]
             values = strategy.experimental_local_results(values)[0]
             unique_ids, positions = tf.unique(ids)

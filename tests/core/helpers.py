@@ -28,7 +28,7 @@ def step_layer(layer, optimizer, ids, upstream):
         loss = tf.reduce_sum(out * upstream)
     variables = layer.trainable_variables
     grads = tape.gradient(loss, variables)
-    optimizer.apply_gradients(zip(grads, variables))
+    optimizer.apply_gradients(zip(grads, variables, strict=True))
 
 
 def optimizer_state(optimizer):

@@ -127,7 +127,8 @@ def test_custom_loop_nan_on_one_replica_skips_update_on_all(
             with tf.GradientTape() as tape:
                 loss = tf.reduce_sum(layer(ids, training=True) * upstream)
             grads = tape.gradient(loss, layer.trainable_variables)
-            optimizer.apply_gradients(zip(grads, layer.trainable_variables))
+            optimizer.apply_gradients(
+                zip(grads, layer.trainable_variables, strict=True))
         strategy.run(step, args=(ids, upstream))
 
     def per_replica(poison):
@@ -149,8 +150,8 @@ def test_custom_loop_nan_on_one_replica_skips_update_on_all(
     ids, upstream = per_replica(poison=True)
     train_step(ids, upstream)
     after = [replica_values(layer.codes), replica_values(layer.step_sizes)]
-    for old, new in zip(before, after):
-        for a, b in zip(old, new):
+    for old, new in zip(before, after, strict=True):
+        for a, b in zip(old, new, strict=True):
             assert a.tobytes() == b.tobytes()
     assert int(optimizer.skipped_table_updates.numpy()) == 1
     assert_replicas_identical(layer.codes)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from alpt_keras import ALPTEmbedding, ALPTOptimizer, IS_KERAS_3
+from alpt_keras import IS_KERAS_3, ALPTEmbedding, ALPTOptimizer
 from alpt_keras._keras import keras
 from tests import reference as ref
 from tests.core.helpers import snapshot, step_layer, value
@@ -252,7 +252,7 @@ def test_keras_file_round_trip(tmp_path):
                                   model.predict(ids, verbose=0))
     saved, restored = _optimizer_values(model), _optimizer_values(loaded)
     assert len(saved) == len(restored)
-    for a, b in zip(saved, restored):
+    for a, b in zip(saved, restored, strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -281,7 +281,8 @@ def test_tf_train_checkpoint_round_trip(tmp_path):
         path).assert_existing_objects_matched()
     np.testing.assert_array_equal(value(fresh.get_layer("emb").codes),
                                   value(model.get_layer("emb").codes))
-    for a, b in zip(_optimizer_values(model), _optimizer_values(fresh)):
+    for a, b in zip(_optimizer_values(model), _optimizer_values(fresh),
+                    strict=True):
         np.testing.assert_array_equal(a, b)
     reader = tf.train.load_checkpoint(path)
     dtypes = reader.get_variable_to_dtype_map()

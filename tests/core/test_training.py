@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from alpt_keras import ALPTEmbedding, ALPTOptimizer, IS_KERAS_3
+from alpt_keras import IS_KERAS_3, ALPTEmbedding, ALPTOptimizer
 from alpt_keras._keras import keras
 from alpt_keras.models.dnn import build_dnn
 from alpt_keras.models.synthetic import make_synthetic_ctr

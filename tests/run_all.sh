@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Lint, then the test suite once per Keras flavour, each in its own process
+# (the flavour is fixed when TensorFlow first imports Keras):
+#   1. Keras 3 (the default `tf.keras`),
+#   2. tf_keras (`TF_USE_LEGACY_KERAS=1`), which TFRS needs.
+# Extra arguments go to both pytest runs. Exits non-zero if anything fails.
+set -u
+cd "$(dirname "$0")/.."
+reports=$(mktemp -d)
+status=0
+
+echo "== ruff =="
+python -m ruff check . || status=1
+
+echo "== pytest, Keras 3 =="
+env -u TF_USE_LEGACY_KERAS python -m pytest --junitxml="$reports/keras3.xml" \
+  "$@" || status=1
+
+echo "== pytest, tf_keras (TF_USE_LEGACY_KERAS=1) =="
+TF_USE_LEGACY_KERAS=1 python -m pytest --junitxml="$reports/tf_keras.xml" \
+  "$@" || status=1
+
+python - "$reports" <<'PY' || status=1
+import glob
+import sys
+import xml.etree.ElementTree as ET
+
+total = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+files = sorted(glob.glob(sys.argv[1] + "/*.xml"))
+for path in files:
+    for suite in ET.parse(path).getroot().iter("testsuite"):
+        for key in total:
+            total[key] += int(suite.get(key, 0))
+failed = total["failures"] + total["errors"]
+passed = total["tests"] - failed - total["skipped"]
+print(f"both flavours ({len(files)} runs):")
+print(f"total: {passed} passed, {failed} failed, {total['skipped']} skipped")
+sys.exit(1 if failed or len(files) != 2 or passed == 0 else 0)
+PY
+rm -rf "$reports"
+exit $status
