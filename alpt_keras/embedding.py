@@ -84,8 +84,7 @@ class ALPTEmbedding(keras.layers.Layer):
     >>> layer = ALPTEmbedding(input_dim=10, output_dim=4, num_bits=8, seed=1)
     >>> layer(tf.constant([[1, 2], [3, 4]])).shape
     TensorShape([2, 2, 4])
-    >>> layer.codes.dtype.name if hasattr(layer.codes.dtype, "name") \\
-    ...     else layer.codes.dtype
+    >>> tf.as_dtype(layer.codes.dtype).name
     'int8'
 
     References:

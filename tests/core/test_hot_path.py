@@ -1,0 +1,54 @@
+"""The per-step graph touches rows, never the whole `[V, D]` table."""
+
+import pytest
+import tensorflow as tf
+
+from alpt_keras import ALPTEmbedding, ALPTOptimizer
+from alpt_keras._keras import keras
+
+V, D = 9973, 16  # a prime no other tensor dimension will match
+
+
+def _table_sized_outputs(graph):
+    found = []
+    for op in graph.get_operations():
+        for out in op.outputs:
+            dims = out.shape.as_list() if out.shape.rank else []
+            if V in dims:
+                found.append(f"{op.type}:{op.name} {dims}")
+    return found
+
+
+@pytest.mark.parametrize("step_size", ["row", "table"])
+@pytest.mark.parametrize("emb_opt", ["rowwise_adagrad", "lazy_adam"])
+def test_train_step_has_no_full_table_tensor(emb_opt, step_size):
+    layer = ALPTEmbedding(V, D, step_size=step_size, seed=0)
+    dense = keras.layers.Dense(1)
+    optimizer = ALPTOptimizer(keras.optimizers.Adam(),
+                              embedding_optimizer=emb_opt)
+
+    @tf.function
+    def train_step(ids):
+        with tf.GradientTape() as tape:
+            rows = layer(ids, training=True)  # (B, F, D)
+            loss = tf.reduce_mean(dense(tf.reshape(rows, [-1, 4 * D])))
+        variables = layer.trainable_variables + dense.trainable_variables
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
+
+    ids = tf.zeros([32, 4], tf.int64)
+    layer(ids)  # build outside the traced step
+    dense.build((None, 4 * D))
+    optimizer.build(layer.trainable_variables + dense.trainable_variables)
+    graph = train_step.get_concrete_function(ids).graph
+    found = _table_sized_outputs(graph)
+    # The only V-sized values allowed are shape constants (the dense_shape
+    # of the sparse row gradient) — one-dimensional, never [V, D] data.
+    offending = [f for f in found if "Const" not in f]
+    assert not offending, offending
+    # Negative control: reading the whole table is detected.
+    @tf.function
+    def full_read():
+        return tf.reduce_sum(tf.cast(tf.convert_to_tensor(layer.codes),
+                                     tf.int32))
+    assert _table_sized_outputs(full_read.get_concrete_function().graph)
