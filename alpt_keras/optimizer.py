@@ -372,14 +372,16 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
             list(zip(grads, trainable_variables, strict=True)), True, (), {}
         )
 
-    def minimize(self, loss, var_list, tape=None):
-        """tf_keras entry point used by `Model.fit`: build first, then apply."""
-        if callable(var_list):
-            var_list = var_list()
-        if not self._alpt_built:
-            with tf.init_scope():
-                self.build(var_list)
-        return super().minimize(loss, var_list, tape=tape)
+    if not _keras.IS_KERAS_3:  # Keras 3 optimizers have no `minimize`.
+
+        def minimize(self, loss, var_list, tape=None):
+            """tf_keras entry point of `Model.fit`: build, then apply."""
+            if callable(var_list):
+                var_list = var_list()
+            if not self._alpt_built:
+                with tf.init_scope():
+                    self.build(var_list)
+            return super().minimize(loss, var_list, tape=tape)
 
     def _apply(self, grads_and_vars, aggregate, args, kwargs):
         dense, table_grads = [], []

@@ -265,3 +265,20 @@ def test_inner_schedule_and_clipnorm_apply_to_dense_variables():
         wrapped.apply_gradients([(grad, dense)])
     np.testing.assert_allclose(dense.numpy(), dense_ref.numpy(), rtol=1e-6)
     assert int(wrapped.iterations.numpy()) == 3
+
+
+def test_minimize_exists_exactly_where_the_flavour_has_it():
+    opt = ALPTOptimizer(keras.optimizers.SGD())
+    has_minimize = hasattr(keras.optimizers.SGD(), "minimize")
+    assert hasattr(opt, "minimize") == has_minimize
+    if not has_minimize:  # Keras 3
+        return
+    layer = ALPTEmbedding(V, D, seed=0)
+    ids = tf.constant([[1, 2]])
+    layer(ids)
+    codes = value(layer.codes).copy()
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(layer(ids, training=True))
+    opt.minimize(loss, layer.trainable_variables, tape=tape)
+    assert int(value(opt.table_iterations)) == 1
+    assert not np.array_equal(value(layer.codes)[[1, 2]], codes[[1, 2]])
