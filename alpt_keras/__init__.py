@@ -7,9 +7,16 @@ TensorFlow to use tf_keras (needed by TensorFlow Recommenders).
 
 from alpt_keras import quantizers
 from alpt_keras._keras import IS_KERAS_3
+from alpt_keras.callbacks import ALPTMonitor
 from alpt_keras.embedding import ALPTEmbedding
 from alpt_keras.optimizer import ALPTOptimizer
 
 __version__ = "0.1.0"
 
-__all__ = ["ALPTEmbedding", "ALPTOptimizer", "IS_KERAS_3", "quantizers"]
+__all__ = [
+    "ALPTEmbedding",
+    "ALPTMonitor",
+    "ALPTOptimizer",
+    "IS_KERAS_3",
+    "quantizers",
+]

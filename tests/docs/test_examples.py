@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import alpt_keras
-from alpt_keras import _keras, embedding, optimizer, quantizers
+from alpt_keras import _keras, callbacks, embedding, optimizer, quantizers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -51,7 +51,8 @@ def test_readme_block_runs(index, tmp_path):
         assert "'auc'" in proc.stdout
 
 
-@pytest.mark.parametrize("module", [quantizers, embedding, optimizer])
+@pytest.mark.parametrize("module",
+                         [quantizers, embedding, optimizer, callbacks])
 def test_docstring_examples(module):
     result = doctest.testmod(
         module, extraglobs={"tf": tf, "keras": _keras.keras},
