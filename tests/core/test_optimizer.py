@@ -195,12 +195,16 @@ def test_non_finite_gradient_skips_table_update_bitwise():
 def test_plain_optimizer_gets_clear_error():
     gc.collect()  # no unbuilt ALPTOptimizer from earlier tests may linger
     inputs = keras.Input(shape=(2,), dtype="int64")
-    x = keras.layers.Flatten()(ALPTEmbedding(10, 4, seed=0)(inputs))
+    layer = ALPTEmbedding(10, 4, seed=0)
+    x = keras.layers.Flatten()(layer(inputs))
     model = keras.Model(inputs, keras.layers.Dense(1)(x))
     model.compile(keras.optimizers.Adam(), "mse")
+    codes, steps = value(layer.codes).copy(), value(layer.step_sizes).copy()
     ids = np.zeros((8, 2), np.int64)
     with pytest.raises(TypeError, match="ALPTOptimizer"):
         model.fit(ids, np.zeros((8, 1)), epochs=1, verbose=0)
+    assert value(layer.codes).tobytes() == codes.tobytes()
+    assert value(layer.step_sizes).tobytes() == steps.tobytes()
 
 
 def test_wrapper_argument_validation():
