@@ -25,6 +25,8 @@ setup(
         "keras==3.15.1",
         "tensorflow-recommenders==0.7.7",
         "tensorflow-serving-api==2.21.0",
+        # Keras 3 cross/dot interaction layers (TFRS serves tf_keras).
+        "keras-rs==0.4.0",
         "numpy>=1.26,<2.5",
     ],
     extras_require={

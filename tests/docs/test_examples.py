@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import alpt_keras
 from alpt_keras import _keras, callbacks, embedding, optimizer, quantizers
+from alpt_keras.models import feature_embedding, layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -26,7 +27,7 @@ BLOCKS = _readme_blocks()
 
 
 def test_readme_has_the_expected_examples():
-    assert len(BLOCKS) == 3  # Keras 3, TFRS, MirroredStrategy
+    assert len(BLOCKS) == 4  # Keras 3, TFRS, CTR models, MirroredStrategy
 
 
 @pytest.mark.slow
@@ -52,7 +53,8 @@ def test_readme_block_runs(index, tmp_path):
 
 
 @pytest.mark.parametrize("module",
-                         [quantizers, embedding, optimizer, callbacks])
+                         [quantizers, embedding, optimizer, callbacks,
+                          feature_embedding, layers])
 def test_docstring_examples(module):
     result = doctest.testmod(
         module, extraglobs={"tf": tf, "keras": _keras.keras},

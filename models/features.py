@@ -1,0 +1,167 @@
+"""Per-feature embedding settings: small config objects (keras-rs style)."""
+
+import dataclasses
+
+from alpt_keras import ALPTEmbedding
+from alpt_keras._keras import keras
+from alpt_keras.quantizers import SUPPORTED_ROUNDING, validate_num_bits
+from alpt_keras.table import SUPPORTED_STEP_SIZE
+
+EMBEDDING_KINDS = ("float32", "lpt", "alpt")
+SUPPORTED_COMBINERS = ("sum", "mean", "sqrtn")
+
+
+@dataclasses.dataclass
+class TableConfig:
+    """One embedding table, possibly shared by several features.
+
+    Attributes:
+        name: str. Table (and layer) name; also salts the rounding noise.
+        vocabulary_size: int. Rows.
+        embedding_dim: int. Row width. Defaults to `16`.
+        kind: `"float32"` (`keras.layers.Embedding`), `"lpt"` (Δ fixed) or
+            `"alpt"` (Δ learned). Defaults to `"alpt"`.
+        num_bits: int in [2, 8]. Defaults to `8`.
+        rounding: `"stochastic"` or `"deterministic"` write-back (LPT-SR vs
+            LPT-DR). Defaults to `"stochastic"`.
+        step_size: `"row"` or `"table"`. Defaults to `"row"`.
+        seed: int. Seeds the initializer and the noise. Defaults to `0`.
+    """
+
+    name: str
+    vocabulary_size: int
+    embedding_dim: int = 16
+    kind: str = "alpt"
+    num_bits: int = 8
+    rounding: str = "stochastic"
+    step_size: str = "row"
+    seed: int = 0
+
+    def __post_init__(self):
+        for field in ("vocabulary_size", "embedding_dim"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or \
+                    value <= 0:
+                raise ValueError(
+                    f"`{field}` must be a positive integer. "
+                    f"Received: {field}={value!r} (table {self.name!r})"
+                )
+        if self.kind not in EMBEDDING_KINDS:
+            raise ValueError(
+                f"`kind` must be one of {EMBEDDING_KINDS}. "
+                f"Received: kind={self.kind!r} (table {self.name!r})"
+            )
+        validate_num_bits(self.num_bits)
+        if self.rounding not in SUPPORTED_ROUNDING:
+            raise ValueError(
+                f"`rounding` must be one of {SUPPORTED_ROUNDING}. "
+                f"Received: rounding={self.rounding!r}"
+            )
+        if self.step_size not in SUPPORTED_STEP_SIZE:
+            raise ValueError(
+                f"`step_size` must be one of {SUPPORTED_STEP_SIZE}. "
+                f"Received: step_size={self.step_size!r}"
+            )
+
+    def make_layer(self):
+        """The table layer: `keras.layers.Embedding` or `ALPTEmbedding`."""
+        if self.kind == "float32":
+            return keras.layers.Embedding(
+                self.vocabulary_size,
+                self.embedding_dim,
+                embeddings_initializer=keras.initializers.RandomNormal(
+                    stddev=0.003, seed=self.seed
+                ),
+                name=self.name,
+            )
+        return ALPTEmbedding(
+            self.vocabulary_size,
+            self.embedding_dim,
+            num_bits=self.num_bits,
+            step_size=self.step_size,
+            rounding=self.rounding,
+            learn_step_size=self.kind == "alpt",
+            seed=self.seed,
+            name=self.name,
+        )
+
+    def get_config(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+@dataclasses.dataclass
+class FeatureConfig:
+    """One categorical input feature.
+
+    Attributes:
+        name: str. The input name (the key in the feature dict).
+        table: `TableConfig`. Features naming the same table share it.
+        max_ids: `None` for one id per example (input `[B]`), or the padded
+            length of a multi-hot feature (input `[B, max_ids]`, padded with
+            `-1`, reduced with `combiner`).
+        combiner: `"sum"`, `"mean"` or `"sqrtn"` for multi-hot features.
+            Defaults to `"mean"`.
+    """
+
+    name: str
+    table: TableConfig
+    max_ids: int = None
+    combiner: str = "mean"
+
+    def __post_init__(self):
+        if isinstance(self.table, dict):
+            self.table = TableConfig.from_config(self.table)
+        if not isinstance(self.table, TableConfig):
+            raise TypeError(
+                "`table` must be a TableConfig. "
+                f"Received: table={self.table!r} (feature {self.name!r})"
+            )
+        if self.max_ids is not None and (
+            isinstance(self.max_ids, bool)
+            or not isinstance(self.max_ids, int)
+            or self.max_ids <= 0
+        ):
+            raise ValueError(
+                "`max_ids` must be None or a positive integer. "
+                f"Received: max_ids={self.max_ids!r} (feature {self.name!r})"
+            )
+        if self.combiner not in SUPPORTED_COMBINERS:
+            raise ValueError(
+                f"`combiner` must be one of {SUPPORTED_COMBINERS}. "
+                f"Received: combiner={self.combiner!r}"
+            )
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "table": self.table.get_config(),
+            "max_ids": self.max_ids,
+            "combiner": self.combiner,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def simple_features(vocabulary_sizes, embedding_dim=16, kind="alpt",
+                    num_bits=8, rounding="stochastic", step_size="row",
+                    seed=0):
+    """One table per feature, all with the same settings.
+
+    Args:
+        vocabulary_sizes: dict feature name -> vocabulary size.
+        other arguments: as `TableConfig`.
+    """
+    return [
+        FeatureConfig(
+            name,
+            TableConfig(name, size, embedding_dim, kind, num_bits, rounding,
+                        step_size, seed + i),
+        )
+        for i, (name, size) in enumerate(vocabulary_sizes.items())
+    ]
