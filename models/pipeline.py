@@ -64,8 +64,9 @@ class CTRPipeline:
         if hash_buckets is not None and (
                 isinstance(hash_buckets, bool)
                 or not isinstance(hash_buckets, int) or hash_buckets < 1):
-            raise ValueError("`hash_buckets` must be None or a positive "
-                             f"integer. Received: hash_buckets={hash_buckets!r}")
+            raise ValueError(
+                "`hash_buckets` must be None or a positive integer. "
+                f"Received: hash_buckets={hash_buckets!r}")
         self.path, self.min_count, self.seed = path, min_count, seed
         self.split = split
         self.strict, self.hash_buckets, self.labeled = strict, hash_buckets, \
