@@ -20,6 +20,36 @@ class SyntheticCTR:
     probabilities: np.ndarray
     vocab_size: int
 
+    def hidden_metrics(self):
+        """AUC and logloss of the hidden click model: the best achievable.
+
+        AUC by the rank-sum formula (ties get average ranks).
+        """
+        p = self.probabilities.astype(np.float64)
+        y = self.labels.astype(bool)
+        positives, negatives = int(y.sum()), int((~y).sum())
+        eps = 1e-7
+        logloss = float(-np.mean(np.where(y, np.log(np.clip(p, eps, 1)),
+                                          np.log(np.clip(1 - p, eps, 1)))))
+        if positives == 0 or negatives == 0:
+            return {"auc": float("nan"), "logloss": logloss}
+        order = np.argsort(p, kind="mergesort")
+        ranks = np.empty(len(p), dtype=np.float64)
+        sorted_p = p[order]
+        # Average ranks over ties.
+        starts = np.r_[0, np.flatnonzero(np.diff(sorted_p)) + 1]
+        ends = np.r_[starts[1:], len(p)]
+        for start, end in zip(starts, ends, strict=True):
+            ranks[order[start:end]] = (start + end + 1) / 2.0
+        auc = (ranks[y].sum() - positives * (positives + 1) / 2) / (
+            positives * negatives)
+        return {"auc": float(auc), "logloss": logloss}
+
+    def features(self, names=None):
+        """The ids as a dict `f0, f1, ...` (or `names`) -> int64 `[N]`."""
+        names = names or [f"f{i}" for i in range(self.ids.shape[1])]
+        return {n: self.ids[:, i] for i, n in enumerate(names)}
+
     def split(self, fraction):
         """Returns `(head, tail)` with `fraction` of the rows in `head`."""
         cut = int(len(self.labels) * fraction)
@@ -43,7 +73,9 @@ def make_synthetic_ctr(
     Args:
         num_examples: int > 0.
         num_fields: int > 0. Categorical fields per example.
-        vocab_size: int > 1. Ids per field are in `[0, vocab_size)`.
+        vocab_size: int > 1, or a list of `num_fields` of them (Criteo-like
+            mixes of small and large fields). Ids of field `f` are in
+            `[0, vocab_size[f])`.
         weight_scale: float > 0. Std of the hidden per-id weights; larger
             makes the task easier (higher best AUC).
         zipf_exponent: `None` for uniform ids, or a float > 1 for power-law
@@ -51,27 +83,41 @@ def make_synthetic_ctr(
         seed: int.
     """
     for name, value, low in (("num_examples", num_examples, 1),
-                             ("num_fields", num_fields, 1),
-                             ("vocab_size", vocab_size, 2)):
+                             ("num_fields", num_fields, 1)):
         if not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(
                 f"`{name}` must be an integer >= {low}. "
                 f"Received: {name}={value!r}"
             )
+    sizes = ([vocab_size] * num_fields if np.isscalar(vocab_size)
+             else list(vocab_size))
+    if len(sizes) != num_fields or any(
+            not isinstance(v, (int, np.integer)) or v < 2 for v in sizes):
+        raise ValueError(
+            "`vocab_size` must be an integer >= 2 or a list of `num_fields` "
+            f"of them. Received: vocab_size={vocab_size!r}"
+        )
     if zipf_exponent is not None and not zipf_exponent > 1:
         raise ValueError(
             "`zipf_exponent` must be None or > 1. "
             f"Received: zipf_exponent={zipf_exponent!r}"
         )
     rng = np.random.default_rng(seed)
+    sizes = np.asarray(sizes, dtype=np.int64)
     shape = (num_examples, num_fields)
-    if zipf_exponent is None:
+    if zipf_exponent is None and np.isscalar(vocab_size):
+        # Kept as first written: fixed seeds reproduce earlier data sets.
         ids = rng.integers(0, vocab_size, size=shape)
+    elif zipf_exponent is None:
+        ids = rng.integers(0, sizes[None, :], size=shape)
     else:
-        ids = (rng.zipf(zipf_exponent, size=shape) - 1) % vocab_size
-    weights = rng.normal(0.0, weight_scale, size=(num_fields, vocab_size))
+        ids = (rng.zipf(zipf_exponent, size=shape) - 1) % sizes[None, :]
+    weights = rng.normal(0.0, weight_scale, size=(num_fields,
+                                                  int(sizes.max())))
     logits = -0.2 + weights[np.arange(num_fields)[None, :], ids].sum(axis=1)
     probabilities = 1.0 / (1.0 + np.exp(-logits))
     labels = (rng.random(num_examples) < probabilities).astype(np.float32)
     return SyntheticCTR(ids.astype(np.int64), labels,
-                        probabilities.astype(np.float32), vocab_size)
+                        probabilities.astype(np.float32),
+                        vocab_size if np.isscalar(vocab_size)
+                        else [int(v) for v in sizes])
