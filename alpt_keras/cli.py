@@ -1,11 +1,17 @@
-"""`alpt-train`: train a CTR model with float32 and ALPT tables, compare.
+"""`alpt-train`: train a CTR model with float32, LPT or ALPT tables.
 
-This first version trains the quick-start DNN on the built-in synthetic data
-(issue 3 adds the real datasets, model zoo, resume and export). It prints the
-test AUC and logloss of a float32 baseline next to ALPT at the chosen bit
-width, and the bytes of each table with its optimizer state.
+    alpt-train                                 # synthetic default, ALPT-8
+    alpt-train --dataset criteo --data-path train.txt --model dcn --bits 4
+    alpt-train --embedding float32 --output-dir runs/fp32
 
-The command is the only module that may import both `models` and `export`.
+Trains on the chosen data set (the built-in synthetic CTR data by default),
+evaluates on the test split and prints the metrics next to the bytes of the
+tables and their optimizer state (and of their float32 equivalent). With
+`--output-dir` it writes `report.json`, the final weights and the
+vocabulary, and keeps a `BackupAndRestore` backup: rerunning the same
+command resumes from the last finished epoch.
+
+This command is the only module that may import both `models` and `export`.
 """
 
 import argparse
@@ -16,124 +22,260 @@ import time
 
 import numpy as np
 
+DATASETS = ("synthetic", "criteo", "avazu", "movielens")
+EMBEDDINGS = ("float32", "lpt", "alpt")
 
-def _parse(argv):
-    parser = argparse.ArgumentParser(
+
+def _parser():
+    p = argparse.ArgumentParser(
         prog="alpt-train",
-        description="Train float32 vs ALPT embeddings on synthetic CTR data.",
-    )
-    parser.add_argument("--num-examples", type=int, default=200_000)
-    parser.add_argument("--num-fields", type=int, default=8)
-    parser.add_argument("--vocab-size", type=int, default=2_000)
-    parser.add_argument("--bits", type=int, default=8)
-    parser.add_argument("--rounding", default="stochastic",
-                        choices=("stochastic", "deterministic"))
-    parser.add_argument("--step-size", default="row", choices=("row", "table"))
-    parser.add_argument("--embedding-optimizer", default="rowwise_adagrad")
-    parser.add_argument("--embedding-learning-rate", type=float, default=None)
-    parser.add_argument("--step-size-learning-rate", type=float, default=None)
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output-dir", default=None,
-                        help="Writes report.json here.")
-    return parser.parse_args(argv)
+        description="Train a CTR model with low-precision (ALPT) tables.")
+    p.add_argument("--dataset", choices=DATASETS, default="synthetic")
+    p.add_argument("--data-path", help="Criteo TSV or Avazu CSV file.")
+    p.add_argument("--model", default="dnn",
+                   help="dnn, dcn, deepfm, ipnn, dlrm or wide_deep.")
+    p.add_argument("--embedding", choices=EMBEDDINGS, default="alpt")
+    p.add_argument("--bits", type=int, default=8)
+    p.add_argument("--rounding", choices=("stochastic", "deterministic"),
+                   default="stochastic")
+    p.add_argument("--step-size", choices=("row", "table"), default="row")
+    p.add_argument("--embedding-dim", type=int, default=16)
+    p.add_argument("--embedding-optimizer", default="rowwise_adagrad")
+    p.add_argument("--step-size-optimizer", default="rowwise")
+    p.add_argument("--learning-rate", type=float, default=1e-3,
+                   help="Adam learning rate of the dense layers.")
+    p.add_argument("--embedding-learning-rate", type=float, default=None)
+    p.add_argument("--step-size-learning-rate", type=float, default=None)
+    p.add_argument("--hidden-units", default="256,128",
+                   help="MLP widths, comma-separated.")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--num-examples", type=int, default=500_000,
+                   help="Size of the synthetic data set.")
+    p.add_argument("--min-count", type=int, default=2,
+                   help="Rarer values map to one OOV id per field.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--devices", type=int, default=1,
+                   help="MirroredStrategy replicas (GPUs, else CPU parts).")
+    p.add_argument("--output-dir", default=None,
+                   help="report.json, weights, vocabulary, resume backup.")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="Write TensorBoard logs under --output-dir.")
+    p.add_argument("--verbose", type=int, default=None,
+                   help="Keras verbosity (default: progress bar on a tty).")
+    return p
+
+
+def _check(args):
+    if args.dataset in ("criteo", "avazu") and not args.data_path:
+        raise SystemExit(f"alpt-train: --dataset {args.dataset} needs "
+                         "--data-path (the file is not downloadable here).")
+    for name in ("epochs", "batch_size", "num_examples", "devices",
+                 "embedding_dim"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"alpt-train: --{name.replace('_', '-')} must "
+                             f"be >= 1. Received: {getattr(args, name)}")
+    try:
+        args.hidden_units = [int(u) for u in args.hidden_units.split(",")
+                             if u]
+    except ValueError:
+        raise SystemExit("alpt-train: --hidden-units must be integers "
+                         f"separated by commas. Received: "
+                         f"{args.hidden_units!r}") from None
+
+
+def _setup_devices(devices):
+    """Logical CPU devices for `--devices N` when there is no GPU."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if devices > 1 and len(gpus) < devices:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * devices)
+    if devices == 1:
+        return None
+    kind = "GPU" if len(gpus) >= devices else "CPU"
+    names = [d.name for d in tf.config.list_logical_devices(kind)][:devices]
+    return tf.distribute.MirroredStrategy(names)
+
+
+def synthetic_default(num_examples, seed):
+    """Criteo-like synthetic data: 26 fields with vocabularies of 10 to
+    ~30,000 ids, power-law id frequencies, a hidden logistic click model."""
+    from alpt_keras.models.synthetic import make_synthetic_ctr
+
+    sizes = [int(round(10 ** e)) for e in np.linspace(1.0, 4.5, 26)]
+    return make_synthetic_ctr(num_examples, num_fields=26, vocab_size=sizes,
+                              weight_scale=0.35, zipf_exponent=1.2, seed=seed)
+
+
+def _load_data(args, table_kwargs):
+    """Returns feature configs, the three splits and data facts."""
+    import tensorflow as tf
+
+    def from_arrays(x, y):
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(
+            args.batch_size)
+
+    info = {"dataset": args.dataset}
+    if args.dataset == "synthetic":
+        from alpt_keras.models.features import simple_features
+
+        data = synthetic_default(args.num_examples, args.seed)
+        train, rest = data.split(0.8)
+        validation, test = rest.split(0.5)
+        names = [f"C{i + 1}" for i in range(data.ids.shape[1])]
+        features = simple_features(dict(zip(names, data.vocab_size,
+                                             strict=True)), **table_kwargs)
+        splits = [from_arrays(s.features(names), s.labels)
+                  for s in (train, validation, test)]
+        info["hidden_model_test"] = test.hidden_metrics()
+        return features, splits, info, None
+    if args.dataset == "movielens":
+        from alpt_keras.models.movielens import MovieLensCTR
+
+        data = MovieLensCTR(min_count=args.min_count, seed=args.seed)
+        features = data.feature_configs(**table_kwargs)
+        splits = [from_arrays(*data.arrays(s))
+                  for s in ("train", "validation", "test")]
+        return features, splits, info, None
+    if args.dataset == "criteo":
+        from alpt_keras.models.criteo import CriteoPipeline as Pipeline
+    else:
+        from alpt_keras.models.avazu import AvazuPipeline as Pipeline
+    pipeline = Pipeline(args.data_path, min_count=args.min_count,
+                        seed=args.seed).fit()
+    info["malformed_lines"] = pipeline.report["malformed"]
+    info["malformed_examples"] = pipeline.report["malformed_examples"]
+    features = pipeline.feature_configs(**table_kwargs)
+    splits = [pipeline.dataset(s, args.batch_size)
+              for s in ("train", "validation", "test")]
+    return features, splits, info, pipeline
 
 
 def _nbytes(variable):
     import tensorflow as tf
 
-    itemsize = tf.as_dtype(variable.dtype).size
-    return int(np.prod(variable.shape)) * itemsize
+    return int(np.prod(variable.shape)) * tf.as_dtype(variable.dtype).size
 
 
-def _short_name(variable):
-    return variable.name.split("/")[-1].split(":")[0]
-
-
-def _table_bytes(model, optimizer):
-    """Bytes of the embedding tables and of their optimizer state.
-
-    Tables: `codes` + `step_sizes` (ALPT) or `embeddings` (float32). State:
-    the wrapper's row-indexed variables (ALPT) or the inner optimizer's slots
-    shaped like a float32 table (e.g. Adam's m and v).
-    """
-    tables = [v for v in model.weights
-              if _short_name(v) in ("codes", "step_sizes", "embeddings")]
-    table_shapes = {tuple(v.shape) for v in tables
-                    if _short_name(v) == "embeddings"}
+def table_bytes(model, optimizer):
+    """Bytes of the embedding tables, their optimizer state, and of the
+    float32 equivalent (float32 table + Keras Adam's two slots)."""
+    tables, state, float32_rows = 0, 0, 0
+    for layer in model.get_layer("embedding").tables:
+        for variable in layer.weights:
+            name = variable.name.split("/")[-1].split(":")[0]
+            if name in ("codes", "step_sizes", "embeddings"):
+                tables += _nbytes(variable)
+        float32_rows += layer.input_dim * layer.output_dim
     inner = getattr(optimizer, "inner_optimizer", None)
     if inner is not None:
         inner_ids = {id(v) for v in inner.variables}
-        state = [v for v in optimizer.variables
-                 if id(v) not in inner_ids and len(v.shape) == 2]
+        state = sum(_nbytes(v) for v in optimizer.variables
+                    if id(v) not in inner_ids and len(v.shape) == 2)
     else:
-        state = [v for v in optimizer.variables
-                 if tuple(v.shape) in table_shapes]
-    return {"tables": sum(map(_nbytes, tables)),
-            "optimizer_state": sum(map(_nbytes, state))}
+        shapes = {tuple(v.shape) for v in model.get_layer(
+            "embedding").weights}
+        state = sum(_nbytes(v) for v in optimizer.variables
+                    if tuple(v.shape) in shapes)
+    return {"tables": tables, "optimizer_state": state,
+            "float32_tables": 4 * float32_rows,
+            "float32_adam_state": 8 * float32_rows}
 
 
 def main(argv=None):
-    args = _parse(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    _check(args)
+    strategy = _setup_devices(args.devices)
+    import contextlib
+
     import tensorflow as tf
 
-    from alpt_keras import ALPTOptimizer
+    from alpt_keras import ALPTMonitor, ALPTOptimizer
     from alpt_keras._keras import keras
-    from alpt_keras.models.dnn import build_dnn
-    from alpt_keras.models.synthetic import make_synthetic_ctr
+    from alpt_keras.models.ctr_models import build_ctr_model
 
     tf.keras.utils.set_random_seed(args.seed)
-    data = make_synthetic_ctr(args.num_examples, args.num_fields,
-                              args.vocab_size, zipf_exponent=1.1,
-                              seed=args.seed)
-    train, test = data.split(0.9)
-    best = float(keras.metrics.AUC()(test.labels, test.probabilities))
-    results = {"best_possible_test_auc": best, "runs": {}}
-    print(f"synthetic data: {args.num_examples} examples, "
-          f"{args.num_fields} fields, vocab {args.vocab_size}; "
-          f"hidden-model test AUC {best:.4f}")
-    for kind in ("float32", "alpt"):
-        model = build_dnn(args.num_fields, args.vocab_size, embedding=kind,
-                          num_bits=args.bits, rounding=args.rounding,
-                          step_size=args.step_size, seed=args.seed)
-        inner = keras.optimizers.Adam(args.learning_rate)
-        if kind == "float32":
-            optimizer = inner
-        else:
-            optimizer = ALPTOptimizer(
-                inner,
-                embedding_optimizer=args.embedding_optimizer,
-                embedding_learning_rate=args.embedding_learning_rate,
-                step_size_learning_rate=args.step_size_learning_rate,
-            )
-        model.compile(optimizer=optimizer, loss="binary_crossentropy",
-                      metrics=[keras.metrics.AUC(name="auc")])
-        start = time.perf_counter()
-        model.fit(train.ids, train.labels, batch_size=args.batch_size,
-                  epochs=args.epochs, verbose=2)
-        seconds = time.perf_counter() - start
-        loss, auc = model.evaluate(test.ids, test.labels,
-                                   batch_size=8192, verbose=0)
-        results["runs"][kind] = {
-            "test_auc": float(auc), "test_logloss": float(loss),
-            "train_seconds": seconds,
-            "bytes": _table_bytes(model, optimizer),
-        }
-    print(f"\n{'embedding':<12}{'test AUC':>10}{'logloss':>10}"
-          f"{'table B':>12}{'opt state B':>13}")
-    for kind, run in results["runs"].items():
-        label = kind if kind == "float32" else f"alpt-{args.bits}bit"
-        print(f"{label:<12}{run['test_auc']:>10.4f}{run['test_logloss']:>10.4f}"
-              f"{run['bytes']['tables']:>12}"
-              f"{run['bytes']['optimizer_state']:>13}")
-    results["config"] = vars(args)
+    table_kwargs = dict(embedding_dim=args.embedding_dim,
+                        kind=args.embedding, num_bits=args.bits,
+                        rounding=args.rounding, step_size=args.step_size,
+                        seed=args.seed)
+    features, (train, validation, test), info, pipeline = _load_data(
+        args, table_kwargs)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
+        if pipeline is not None:
+            pipeline.save_vocabulary(
+                os.path.join(args.output_dir, "vocabulary.json"))
+    scope = strategy.scope() if strategy else contextlib.nullcontext()
+    with scope:
+        model = build_ctr_model(features, model=args.model,
+                                hidden_units=args.hidden_units,
+                                seed=args.seed)
+        optimizer = keras.optimizers.Adam(args.learning_rate)
+        if args.embedding != "float32":
+            optimizer = ALPTOptimizer(
+                optimizer,
+                embedding_optimizer=args.embedding_optimizer,
+                embedding_learning_rate=args.embedding_learning_rate,
+                step_size_optimizer=args.step_size_optimizer,
+                step_size_learning_rate=args.step_size_learning_rate)
+        model.compile(optimizer=optimizer, loss="binary_crossentropy",
+                      metrics=[keras.metrics.AUC(name="auc")])
+    callbacks = []
+    if args.output_dir:
+        callbacks.append(keras.callbacks.BackupAndRestore(
+            os.path.join(args.output_dir, "backup")))
+    if args.embedding != "float32":
+        callbacks.append(ALPTMonitor())
+    if args.tensorboard and args.output_dir:
+        callbacks.append(keras.callbacks.TensorBoard(
+            os.path.join(args.output_dir, "tensorboard")))
+    verbose = args.verbose if args.verbose is not None else (
+        1 if sys.stdout.isatty() else 2)
+    start = time.perf_counter()
+    # Data order is fixed (no shuffling), so a resumed run repeats exactly
+    # the batches an uninterrupted one would see.
+    history = model.fit(train, validation_data=validation, epochs=args.epochs,
+                        callbacks=callbacks, verbose=verbose, shuffle=False)
+    seconds = time.perf_counter() - start
+    loss, auc = model.evaluate(test, verbose=0)
+    epochs_run = list(history.epoch)
+    report = {
+        "config": {k: v for k, v in vars(args).items()},
+        "data": info,
+        "metrics": {"test_auc": float(auc), "test_logloss": float(loss)},
+        "history": {k: [float(x) for x in v]
+                    for k, v in history.history.items()},
+        "epochs_completed": args.epochs,
+        "resumed_from_epoch": epochs_run[0] if epochs_run else args.epochs,
+        "train_seconds": seconds,
+        "bytes": table_bytes(model, optimizer),
+    }
+    b = report["bytes"]
+    ratio = (b["tables"] + b["optimizer_state"]) / (
+        b["float32_tables"] + b["float32_adam_state"])
+    print(f"\ntest AUC {auc:.4f}  logloss {loss:.4f}  "
+          f"({args.embedding}"
+          f"{'' if args.embedding == 'float32' else f'-{args.bits}bit'}, "
+          f"{args.model}, {args.dataset})")
+    if "hidden_model_test" in info:
+        print(f"hidden click model on the test split: AUC "
+              f"{info['hidden_model_test']['auc']:.4f}  logloss "
+              f"{info['hidden_model_test']['logloss']:.4f}")
+    print(f"tables {b['tables']:,} B + optimizer state "
+          f"{b['optimizer_state']:,} B  vs  float32 {b['float32_tables']:,}"
+          f" B + Adam {b['float32_adam_state']:,} B  "
+          f"({ratio:.3f}x)")
+    if args.output_dir:
+        model.save_weights(os.path.join(args.output_dir,
+                                        "model.weights.h5"))
         path = os.path.join(args.output_dir, "report.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        os.replace(f"{path}.tmp", path)
         print(f"wrote {path}")
     return 0
 

@@ -21,7 +21,8 @@ def test_monitor_logs_skipped_updates_and_table_stats():
     labels = np.ones((40, 1), np.float32)
     labels[25] = np.nan  # poisons the third of four batches of 10
     history = model.fit(ids, labels, batch_size=10, epochs=1, shuffle=False,
-                        callbacks=[ALPTMonitor()], verbose=0)
+                        callbacks=[ALPTMonitor(per_table=True)],
+                        verbose=0)
     logs = {k: v[-1] for k, v in history.history.items()}
     assert logs["alpt_skipped_table_updates"] == 1.0
     assert int(value(optimizer.table_iterations)) == 3
@@ -34,3 +35,6 @@ def test_monitor_logs_skipped_updates_and_table_stats():
     saturated = np.mean((codes == -2) | (codes == 1))
     assert logs["user_id/saturated"] == saturated
     assert 0.0 < saturated < 1.0  # 2-bit codes do reach the ends
+    assert logs["alpt/saturated"] == saturated  # the only table
+    np.testing.assert_allclose(logs["alpt/step_size_mean"], steps.mean(),
+                               rtol=1e-6)
