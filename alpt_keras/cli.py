@@ -250,6 +250,7 @@ def main(argv=None):
         "history": {k: [float(x) for x in v]
                     for k, v in history.history.items()},
         "epochs_completed": args.epochs,
+        "replicas": strategy.num_replicas_in_sync if strategy else 1,
         "resumed_from_epoch": epochs_run[0] if epochs_run else args.epochs,
         "train_seconds": seconds,
         "bytes": table_bytes(model, optimizer),

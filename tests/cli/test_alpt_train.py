@@ -112,3 +112,13 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert a.keys() == b.keys() and a
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_devices_2_trains_under_mirrored_strategy(tmp_path):
+    out = str(tmp_path / "two")
+    _run(["--num-examples", "20000", "--batch-size", "512",
+          "--hidden-units", "16", "--devices", "2", "--output-dir", out])
+    report = _report(out)
+    assert report["replicas"] == 2
+    assert report["metrics"]["test_auc"] > 0.6
