@@ -182,6 +182,7 @@ class ALPTEmbedding(keras.layers.Layer):
         self.supports_jit = False
         self._table = None
         self._training = False
+        self._inference = False
 
     # ------------------------------------------------------------------ build
     def build(self, input_shape=None):
@@ -189,17 +190,23 @@ class ALPTEmbedding(keras.layers.Layer):
             return
         per_row = self.step_size == "row"
         shape = (self.input_dim, self.output_dim)
-        w0 = tf.cast(self.embeddings_initializer(shape, "float32"), tf.float32)
-        step0 = quantizers.lsq_initial_step_size(
-            w0, self.num_bits, per_row=per_row, minimum=self.min_step_size
-        )
-        codes0 = self._quantize_rows(
-            w0,
-            step0,
-            tf.range(self.input_dim, dtype=tf.int64),
-            quantizers.INIT_STEP,
-            self.rounding,
-        )
+        # Eager even when Keras builds inside a scratch graph (symbolic
+        # build of subclassed models): the initializers below close over
+        # these values.
+        with tf.init_scope():
+            w0 = tf.cast(self.embeddings_initializer(shape, "float32"),
+                         tf.float32)
+            step0 = quantizers.lsq_initial_step_size(
+                w0, self.num_bits, per_row=per_row,
+                minimum=self.min_step_size
+            )
+            codes0 = self._quantize_rows(
+                w0,
+                step0,
+                tf.range(self.input_dim, dtype=tf.int64),
+                quantizers.INIT_STEP,
+                self.rounding,
+            )
         extra = {"autocast": False} if _keras.IS_KERAS_3 else {}
         # Keep this order stable: checkpoints store layer weights by position.
         self.codes = self.add_weight(
@@ -262,6 +269,7 @@ class ALPTEmbedding(keras.layers.Layer):
         # Only a training-mode pass insists on an ALPTOptimizer: gradients
         # taken for inspection need none.
         self._training = training is True
+        self._inference = training is False
         if _keras.in_xla_context():
             raise NotImplementedError(
                 f"ALPTEmbedding '{self.name}' cannot run under XLA: XLA drops "
@@ -337,6 +345,10 @@ class ALPTEmbedding(keras.layers.Layer):
         rows = quantizers.dequantize(
             table.storage.read_rows(ids), table.read_step_sizes(ids)
         )
+        if self._inference:
+            # Inference (predict, serving): plain dequantized lookup, no
+            # gradient plumbing, so exports capture only codes and Δ.
+            return tf.cast(rows, self.compute_dtype)
         dense_shape = tf.constant(
             [self.input_dim, self.output_dim], dtype=tf.int64
         )

@@ -1,0 +1,232 @@
+"""`export_for_serving`: a TF Serving SavedModel that keeps low-bit tables.
+
+What is written, under `<base_path>/<model_name>/<version>/`:
+- `saved_model.pb` with one signature, `serving_default`: named int64
+  feature inputs (`[batch]`, or `[batch, max_ids]` for multi-hot features)
+  and the outputs `probability` (and `logit` for models with a layer named
+  `"logit"`, such as every model of `alpt_keras.models`);
+- `variables/`: only what inference reads. ALPT tables stay integer codes
+  plus step sizes, dequantized in the graph with stock ops (`ResourceGather`,
+  `Cast`, `Mul`). No optimizer state, no gradient carriers, and no variable
+  stored twice (Keras 3's `model.export` stores every variable twice,
+  keras-team/keras#23553, and saving the whole model drags optimizer slots
+  along).
+
+Out-of-range ids fail the request with `InvalidArgumentError` ("ids must be
+in [0, input_dim=...)"); they are never read as another row.
+
+The version directory is written under a temporary name in the same folder
+and renamed into place, so TF Serving (which only loads integer-named
+directories) never sees a half-written version, and a failure leaves nothing
+behind.
+"""
+
+import os
+import shutil
+import uuid
+
+import tensorflow as tf
+
+from alpt_keras._keras import keras, tf_variable
+
+SIGNATURE_KEY = "serving_default"
+
+
+def next_version(model_dir):
+    """1 + the largest integer-named directory in `model_dir` (else 1)."""
+    if not os.path.isdir(model_dir):
+        return 1
+    versions = [int(d) for d in os.listdir(model_dir) if d.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def _input_signature(model, input_signature):
+    if input_signature is not None:
+        if not isinstance(input_signature, dict) or not all(
+                isinstance(s, tf.TensorSpec) for s in
+                input_signature.values()):
+            raise TypeError(
+                "`input_signature` must be a dict feature name -> "
+                f"tf.TensorSpec. Received: {input_signature!r}")
+        return {name: tf.TensorSpec(spec.shape, spec.dtype, name=name)
+                for name, spec in input_signature.items()}
+    inputs = getattr(model, "inputs", None)
+    if not inputs:
+        raise ValueError(
+            "This model has no symbolic inputs (a subclassed or TFRS "
+            "model): pass `input_signature`, e.g. {'user': tf.TensorSpec("
+            "[None], tf.int64, name='user')}. Received: "
+            "input_signature=None")
+    signature = {}
+    for tensor in inputs:
+        name = tensor.name.split(":")[0]
+        signature[name] = tf.TensorSpec(tuple(tensor.shape),
+                                        tf.as_dtype(tensor.dtype), name=name)
+    return signature
+
+
+class _ServingModule(tf.Module):
+    """Tracks the serving variables and the signature function only."""
+
+    def __init__(self, model, signature, variables):
+        super().__init__(name="alpt_serving")
+        self._model = None  # never tracked: keeps optimizer state out
+        self.serving_variables = dict(variables)
+        logit_layer = None
+        try:
+            logit_layer = model.get_layer("logit")
+        except (ValueError, AttributeError):
+            logit_layer = None
+        if logit_layer is not None and getattr(model, "inputs", None):
+            outputs_model = keras.Model(model.inputs,
+                                        [logit_layer.output, model.output])
+        else:
+            outputs_model = None
+
+        def serve(features):
+            if outputs_model is not None:
+                logit, probability = outputs_model(features, training=False)
+                return {"probability": tf.cast(probability, tf.float32),
+                        "logit": tf.cast(logit, tf.float32)}
+            output = model(features, training=False)
+            return {"probability": tf.cast(output, tf.float32)}
+
+        self.serve = tf.function(serve, input_signature=[signature])
+
+
+def serving_variables(model):
+    """The variables inference reads, keyed by a readable path: the model's
+    weights without the ALPT gradient carriers (optimizer variables are not
+    model weights)."""
+    out = {}
+    for variable in model.weights:
+        path = getattr(variable, "path", None) or variable.name
+        path = path.split(":")[0]
+        if path.split("/")[-1] == "gradient_carrier":
+            continue
+        key, n = path.replace("/", "."), 1
+        while key in out:  # tf_keras names need not be unique
+            n += 1
+            key = f"{path.replace('/', '.')}_{n}"
+        out[key] = tf_variable(variable)
+    return out
+
+
+# Written by TF >= 2.14 but unknown to older servers: TF Serving 2.11-2.13
+# refuse the whole SavedModel ("Op type not registered 'DisableCopyOnRead'
+# ... While importing FunctionDef: __inference__traced_save",
+# tensorflow/tensorflow#62489; "NodeDef mentions attribute debug_name which
+# is not in the op definition", tensorflow/tfjs#8260). Both only serve
+# checkpoint *saving*, which a server never does.
+_NEWER_OPS = ("DisableCopyOnRead",)
+_NEWER_ATTRS = ("debug_name",)
+
+
+def _strip_newer_ops(version_dir):
+    """Removes `_NEWER_OPS` nodes and `_NEWER_ATTRS` attributes in place."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = os.path.join(version_dir, "saved_model.pb")
+    saved_model = saved_model_pb2.SavedModel()
+    with open(path, "rb") as f:
+        saved_model.ParseFromString(f.read())
+
+    def clean(nodes):
+        dropped = {n.name for n in nodes if n.op in _NEWER_OPS}
+        keep = [n for n in nodes if n.op not in _NEWER_OPS]
+        for node in keep:
+            for attr in _NEWER_ATTRS:
+                if attr in node.attr:
+                    del node.attr[attr]
+            inputs = [i for i in node.input if i.lstrip("^") not in dropped]
+            del node.input[:]
+            node.input.extend(inputs)
+        del nodes[:]
+        nodes.extend(keep)
+        return dropped
+
+    for meta_graph in saved_model.meta_graphs:
+        clean(meta_graph.graph_def.node)
+        for function in meta_graph.graph_def.library.function:
+            dropped = clean(function.node_def)
+            for key in [k for k, v in function.control_ret.items()
+                        if v in dropped]:
+                del function.control_ret[key]
+            outputs = [o for o in function.signature.control_output
+                       if o in function.control_ret]
+            del function.signature.control_output[:]
+            function.signature.control_output.extend(outputs)
+    with open(path, "wb") as f:
+        f.write(saved_model.SerializeToString())
+
+
+def export_for_serving(model, base_path, model_name="model", version=None,
+                       input_signature=None):
+    """Writes a TF Serving SavedModel and returns its version directory.
+
+    Args:
+        model: a built Keras model of the active flavour (any model of
+            `alpt_keras.models`, or your own functional, subclassed or TFRS
+            model containing `ALPTEmbedding` layers).
+        base_path: str. The model base path TF Serving watches.
+        model_name: str. The folder under `base_path` (and the name clients
+            use). Defaults to `"model"`.
+        version: positive int, or `None` for the next integer version.
+        input_signature: dict feature name -> `tf.TensorSpec`; required for
+            models without symbolic inputs (subclassed, TFRS).
+
+    Returns:
+        str, the path `<base_path>/<model_name>/<version>`.
+    """
+    if not isinstance(model_name, str) or not model_name or \
+            os.sep in model_name or model_name.startswith("."):
+        raise ValueError("`model_name` must be a non-empty folder name. "
+                         f"Received: model_name={model_name!r}")
+    model_dir = os.path.join(base_path, model_name)
+    if version is None:
+        version = next_version(model_dir)
+    if isinstance(version, bool) or not isinstance(version, int) or \
+            version < 1:
+        raise ValueError("`version` must be a positive integer. "
+                         f"Received: version={version!r}")
+    final = os.path.join(model_dir, str(version))
+    if os.path.exists(final):
+        raise ValueError(f"Version {version} already exists: {final}. "
+                         "Received: a version that TF Serving may be "
+                         "serving; choose another or omit `version`.")
+    signature = _input_signature(model, input_signature)
+    module = _ServingModule(model, signature,
+                            serving_variables(model))
+    os.makedirs(model_dir, exist_ok=True)
+    staging = os.path.join(model_dir, f".tmp-{version}-{uuid.uuid4().hex}")
+    try:
+        tf.saved_model.save(
+            module, staging,
+            signatures={SIGNATURE_KEY: module.serve.get_concrete_function()})
+        _strip_newer_ops(staging)
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def export_size_report(version_dir):
+    """Bytes per variable (from the checkpoint index) and on disk."""
+    reader = tf.train.load_checkpoint(
+        os.path.join(version_dir, "variables", "variables"))
+    shapes = reader.get_variable_to_shape_map()
+    dtypes = reader.get_variable_to_dtype_map()
+    variables = {}
+    for name, shape in shapes.items():
+        if name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH"):
+            continue
+        count = 1
+        for dim in shape:
+            count *= dim
+        variables[name] = {"shape": list(shape), "dtype": dtypes[name].name,
+                           "bytes": count * dtypes[name].size}
+    total = 0
+    for root, _, files in os.walk(version_dir):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return {"variables": variables, "total_bytes": total}
