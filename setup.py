@@ -32,6 +32,9 @@ setup(
     extras_require={
         "test": ["pytest==9.0.3", "pytest-timeout==2.4.0", "ruff==0.17.6"],
     },
-    entry_points={"console_scripts": ["alpt-train=alpt_keras.cli:main"]},
+    entry_points={"console_scripts": [
+        "alpt-train=alpt_keras.cli:main",
+        "alpt-export=alpt_keras.export.cli:main",
+    ]},
     license="Apache-2.0",
 )

@@ -59,6 +59,10 @@ def _parser():
                    help="MirroredStrategy replicas (GPUs, else CPU parts).")
     p.add_argument("--output-dir", default=None,
                    help="report.json, weights, vocabulary, resume backup.")
+    p.add_argument("--export-dir", default=None,
+                   help="Also export for TF Serving under this base path.")
+    p.add_argument("--model-name", default="ctr",
+                   help="Folder name under --export-dir.")
     p.add_argument("--tensorboard", action="store_true",
                    help="Write TensorBoard logs under --output-dir.")
     p.add_argument("--verbose", type=int, default=None,
@@ -270,9 +274,25 @@ def main(argv=None):
           f"{b['optimizer_state']:,} B  vs  float32 {b['float32_tables']:,}"
           f" B + Adam {b['float32_adam_state']:,} B  "
           f"({ratio:.3f}x)")
+    if args.export_dir:
+        from alpt_keras.export.cli import print_size_report
+        from alpt_keras.export.saved_model import (
+            export_for_serving,
+            export_size_report,
+        )
+
+        version_dir = export_for_serving(model, args.export_dir,
+                                         args.model_name)
+        size = export_size_report(version_dir)
+        print_size_report(size)
+        print(f"exported {version_dir}")
+        report["export"] = {"path": version_dir,
+                            "total_bytes": size["total_bytes"],
+                            "tables": size["tables"]}
     if args.output_dir:
         model.save_weights(os.path.join(args.output_dir,
                                         "model.weights.h5"))
+        model.save(os.path.join(args.output_dir, "model.keras"))
         path = os.path.join(args.output_dir, "report.json")
         with open(f"{path}.tmp", "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)

@@ -94,18 +94,36 @@ class _ServingModule(tf.Module):
         self.serve = tf.function(serve, input_signature=[signature])
 
 
+def _variable_paths(model):
+    """id(variable) -> "layer/sublayer/name", the same in both flavours
+    (tf_keras variable names omit the enclosing layers)."""
+    paths = {}
+
+    def walk(layer, prefix):
+        for sub in layer._flatten_layers(include_self=False,
+                                         recursive=False):
+            walk(sub, f"{prefix}/{sub.name}" if prefix else sub.name)
+        for variable in layer.weights:  # deeper layers claimed theirs
+            if id(variable) not in paths:
+                leaf = variable.name.split("/")[-1].split(":")[0]
+                paths[id(variable)] = f"{prefix}/{leaf}" if prefix else leaf
+
+    walk(model, "")
+    return paths
+
+
 def serving_variables(model):
     """The variables inference reads, keyed by a readable path: the model's
     weights without the ALPT gradient carriers (optimizer variables are not
     model weights)."""
+    paths = _variable_paths(model)
     out = {}
     for variable in model.weights:
-        path = getattr(variable, "path", None) or variable.name
-        path = path.split(":")[0]
+        path = paths.get(id(variable), variable.name.split(":")[0])
         if path.split("/")[-1] == "gradient_carrier":
             continue
         key, n = path.replace("/", "."), 1
-        while key in out:  # tf_keras names need not be unique
+        while key in out:
             n += 1
             key = f"{path.replace('/', '.')}_{n}"
         out[key] = tf_variable(variable)
@@ -212,21 +230,38 @@ def export_for_serving(model, base_path, model_name="model", version=None,
 
 
 def export_size_report(version_dir):
-    """Bytes per variable (from the checkpoint index) and on disk."""
+    """Bytes per variable (from the checkpoint index), per embedding table
+    next to its float32 equivalent (`V·D·4`), and of the whole export."""
     reader = tf.train.load_checkpoint(
         os.path.join(version_dir, "variables", "variables"))
     shapes = reader.get_variable_to_shape_map()
     dtypes = reader.get_variable_to_dtype_map()
     variables = {}
-    for name, shape in shapes.items():
-        if name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH"):
+    for key, shape in shapes.items():
+        if key.startswith("_CHECKPOINTABLE_OBJECT_GRAPH"):
             continue
+        # "serving_variables/<path>/.ATTRIBUTES/VARIABLE_VALUE" -> <path>
+        name = key.split("/")[1] if key.startswith(
+            "serving_variables/") else key
+        # Checkpoint keys escape "." as ".." and "/" as ".S".
+        name = name.replace("..", "\x00").replace(".S", "/").replace(
+            "\x00", ".")
         count = 1
         for dim in shape:
             count *= dim
-        variables[name] = {"shape": list(shape), "dtype": dtypes[name].name,
-                           "bytes": count * dtypes[name].size}
+        variables[name] = {"shape": list(shape), "dtype": dtypes[key].name,
+                           "bytes": count * dtypes[key].size}
+    tables = {}
+    for name, info in variables.items():
+        prefix, _, leaf = name.rpartition(".")
+        if leaf not in ("codes", "step_sizes", "embeddings"):
+            continue
+        table = tables.setdefault(prefix, {"bytes": 0, "float32_bytes": 0})
+        table["bytes"] += info["bytes"]
+        if leaf in ("codes", "embeddings"):
+            rows, width = info["shape"]
+            table["float32_bytes"] = 4 * rows * width
     total = 0
     for root, _, files in os.walk(version_dir):
         total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
-    return {"variables": variables, "total_bytes": total}
+    return {"variables": variables, "tables": tables, "total_bytes": total}

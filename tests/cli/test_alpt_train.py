@@ -38,7 +38,10 @@ def test_float32_and_alpt8_end_to_end(tmp_path):
     reports = {}
     for kind in ("float32", "alpt"):
         out = str(tmp_path / kind)
-        proc = _run(SMALL + ["--embedding", kind, "--output-dir", out])
+        export = ["--export-dir", str(tmp_path / "serving")] \
+            if kind == "alpt" else []
+        proc = _run(SMALL + ["--embedding", kind, "--output-dir", out]
+                    + export)
         assert "test AUC" in proc.stdout
         reports[kind] = _report(out)
     hidden = reports["float32"]["data"]["hidden_model_test"]["auc"]
@@ -64,6 +67,22 @@ def test_float32_and_alpt8_end_to_end(tmp_path):
     assert fp["optimizer_state"] == fp["float32_adam_state"]
     assert "alpt/saturated" in report["history"]
     assert os.path.exists(tmp_path / "alpt" / "model.weights.h5")
+    # --export-dir: a served version whose tables are ~0.31x float32.
+    export = report["export"]
+    assert export["path"] == str(tmp_path / "serving" / "ctr" / "1")
+    assert os.path.exists(os.path.join(export["path"], "saved_model.pb"))
+    assert len(export["tables"]) == 26
+    for table in export["tables"].values():
+        assert table["bytes"] <= 0.32 * table["float32_bytes"]
+    # alpt-export: the saved .keras model becomes version 2.
+    proc = subprocess.run(
+        [sys.executable, "-m", "alpt_keras.export.cli",
+         str(tmp_path / "alpt" / "model.keras"), str(tmp_path / "serving")],
+        env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(
+        tmp_path / "serving" / "ctr" / "2")
+    assert "whole export:" in proc.stdout
 
 
 def _weights(path):

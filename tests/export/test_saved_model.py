@@ -182,9 +182,11 @@ def test_export_size_with_a_2_20_row_table(tmp_path):
         model = build_ctr_model(features, model="dnn", hidden_units=(16,))
         report = export_size_report(export_for_serving(
             model, str(tmp_path / kind), "ctr"))
-        table = sum(v["bytes"] for k, v in report["variables"].items()
-                    if k.startswith("embedding.id."))
-        sizes[kind] = (table, report["total_bytes"])
+        (table,) = report["tables"].values()  # the one table, "id"
+        rows_bytes = 4 * 2**20 * 16
+        assert table["float32_bytes"] == rows_bytes
+        sizes[kind] = (table["bytes"], report["total_bytes"])
+    assert sizes["float32"][0] == 4 * 2**20 * 16  # the report is not empty
     # int8 codes (16 B) + per-row Δ (4 B) vs 64 B per row: 0.3125.
     assert sizes["alpt"][0] <= 0.32 * sizes["float32"][0], sizes
     assert sizes["alpt"][1] <= 0.35 * sizes["float32"][1], sizes
