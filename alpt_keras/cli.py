@@ -52,6 +52,14 @@ def _parser():
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--num-examples", type=int, default=500_000,
                    help="Size of the synthetic data set.")
+    p.add_argument("--num-fields", type=int, default=26,
+                   help="Synthetic: categorical fields.")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="Synthetic: ids per field (default: Criteo-like "
+                        "sizes from 10 to ~30,000).")
+    p.add_argument("--zipf-exponent", type=float, default=1.2,
+                   help="Synthetic: power-law exponent of id frequencies "
+                        "(0 = uniform ids).")
     p.add_argument("--min-count", type=int, default=2,
                    help="Rarer values map to one OOV id per field.")
     p.add_argument("--seed", type=int, default=0)
@@ -75,10 +83,16 @@ def _check(args):
         raise SystemExit(f"alpt-train: --dataset {args.dataset} needs "
                          "--data-path (the file is not downloadable here).")
     for name in ("epochs", "batch_size", "num_examples", "devices",
-                 "embedding_dim"):
+                 "embedding_dim", "num_fields"):
         if getattr(args, name) < 1:
             raise SystemExit(f"alpt-train: --{name.replace('_', '-')} must "
                              f"be >= 1. Received: {getattr(args, name)}")
+    if args.vocab_size is not None and args.vocab_size < 2:
+        raise SystemExit("alpt-train: --vocab-size must be >= 2. "
+                         f"Received: {args.vocab_size}")
+    if args.zipf_exponent and args.zipf_exponent <= 1:
+        raise SystemExit("alpt-train: --zipf-exponent must be 0 (uniform) "
+                         f"or > 1. Received: {args.zipf_exponent}")
     try:
         args.hidden_units = [int(u) for u in args.hidden_units.split(",")
                              if u]
@@ -104,14 +118,20 @@ def _setup_devices(devices):
     return tf.distribute.MirroredStrategy(names)
 
 
-def synthetic_default(num_examples, seed):
-    """Criteo-like synthetic data: 26 fields with vocabularies of 10 to
-    ~30,000 ids, power-law id frequencies, a hidden logistic click model."""
+def synthetic_data(num_examples, seed, num_fields=26, vocab_size=None,
+                   zipf_exponent=1.2):
+    """The built-in synthetic CTR data. By default Criteo-like: 26 fields
+    with vocabularies from 10 to ~30,000 ids, power-law id frequencies, a
+    hidden logistic click model."""
     from alpt_keras.models.synthetic import make_synthetic_ctr
 
-    sizes = [int(round(10 ** e)) for e in np.linspace(1.0, 4.5, 26)]
-    return make_synthetic_ctr(num_examples, num_fields=26, vocab_size=sizes,
-                              weight_scale=0.35, zipf_exponent=1.2, seed=seed)
+    if vocab_size is None:
+        vocab_size = [int(round(10 ** e))
+                      for e in np.linspace(1.0, 4.5, num_fields)]
+    return make_synthetic_ctr(
+        num_examples, num_fields=num_fields, vocab_size=vocab_size,
+        weight_scale=0.35 * (26 / num_fields) ** 0.5,
+        zipf_exponent=zipf_exponent or None, seed=seed)
 
 
 def _load_data(args, table_kwargs):
@@ -126,12 +146,15 @@ def _load_data(args, table_kwargs):
     if args.dataset == "synthetic":
         from alpt_keras.models.features import simple_features
 
-        data = synthetic_default(args.num_examples, args.seed)
+        data = synthetic_data(args.num_examples, args.seed, args.num_fields,
+                              args.vocab_size, args.zipf_exponent)
         train, rest = data.split(0.8)
         validation, test = rest.split(0.5)
         names = [f"C{i + 1}" for i in range(data.ids.shape[1])]
-        features = simple_features(dict(zip(names, data.vocab_size,
-                                             strict=True)), **table_kwargs)
+        sizes = data.vocab_size if isinstance(data.vocab_size, list) \
+            else [data.vocab_size] * len(names)
+        features = simple_features(dict(zip(names, sizes, strict=True)),
+                                   **table_kwargs)
         splits = [from_arrays(s.features(names), s.labels)
                   for s in (train, validation, test)]
         info["hidden_model_test"] = test.hidden_metrics()

@@ -11,8 +11,12 @@ import h5py
 import numpy as np
 import pytest
 
-SMALL = ["--num-examples", "100000", "--batch-size", "1024",
-         "--hidden-units", "64"]
+# Synthetic data where every id is seen often, so the hidden click model's
+# AUC is reachable (on the Criteo-like default, ids seen once or twice carry
+# hidden signal no model can learn from CI-sized data).
+SMALL = ["--num-examples", "100000", "--num-fields", "4", "--vocab-size",
+         "300", "--zipf-exponent", "0", "--batch-size", "512", "--epochs",
+         "2", "--hidden-units", "32", "--learning-rate", "5e-3"]
 
 
 def _env():
@@ -47,16 +51,12 @@ def test_float32_and_alpt8_end_to_end(tmp_path):
     hidden = reports["float32"]["data"]["hidden_model_test"]["auc"]
     fp32 = reports["float32"]["metrics"]["test_auc"]
     alpt = reports["alpt"]["metrics"]["test_auc"]
-    # Floor: ids seen once or twice in 80k training rows carry hidden-model
-    # signal that no model can learn, so float32 stays ~0.055 below the
-    # hidden model here (0.03 holds on data where every id is frequent:
-    # tests/models/test_synthetic.py).
-    assert fp32 >= hidden - 0.06, (fp32, hidden)
+    assert fp32 >= hidden - 0.03, (fp32, hidden)  # the float32 floor
     assert abs(alpt - fp32) <= 0.01, (alpt, fp32)
     report = reports["alpt"]
     assert report["config"]["embedding"] == "alpt"
     assert report["config"]["bits"] == 8
-    assert report["epochs_completed"] == 1
+    assert report["epochs_completed"] == 2
     b = report["bytes"]
     # 8-bit codes + per-row Δ + two per-row accumulators = 28 of 192 bytes.
     ratio = (b["tables"] + b["optimizer_state"]) / (
@@ -71,7 +71,7 @@ def test_float32_and_alpt8_end_to_end(tmp_path):
     export = report["export"]
     assert export["path"] == str(tmp_path / "serving" / "ctr" / "1")
     assert os.path.exists(os.path.join(export["path"], "saved_model.pb"))
-    assert len(export["tables"]) == 26
+    assert len(export["tables"]) == 4
     for table in export["tables"].values():
         assert table["bytes"] <= 0.32 * table["float32_bytes"]
     # alpt-export: the saved .keras model becomes version 2.

@@ -27,7 +27,7 @@ BLOCKS = _readme_blocks()
 
 
 def test_readme_has_the_expected_examples():
-    assert len(BLOCKS) == 4  # Keras 3, TFRS, CTR models, MirroredStrategy
+    assert len(BLOCKS) == 5  # Keras 3, TFRS, models, Mirrored, export
 
 
 @pytest.mark.slow
@@ -50,6 +50,8 @@ def test_readme_block_runs(index, tmp_path):
         assert "int8" in proc.stdout
     if "tfrs" in code:
         assert "'auc'" in proc.stdout
+    if "export_for_serving" in code:
+        assert proc.stdout.strip().splitlines()[-1] == "True"
 
 
 @pytest.mark.parametrize("module",
