@@ -304,8 +304,12 @@ def main(argv=None):
             export_size_report,
         )
 
+        # Warm-up requests from real rows: the first test batch (<= 256).
+        features, _ = next(iter(test))
+        warmup = {k: np.asarray(v)[:256] for k, v in features.items()}
         version_dir = export_for_serving(model, args.export_dir,
-                                         args.model_name)
+                                         args.model_name,
+                                         warmup_examples=warmup)
         size = export_size_report(version_dir)
         print_size_report(size)
         print(f"exported {version_dir}")

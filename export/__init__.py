@@ -5,6 +5,11 @@
 plus step sizes, dequantized in the graph with stock ops.
 """
 
+from alpt_keras.export.client import (
+    GrpcPredictClient,
+    RestPredictClient,
+    ServingError,
+)
 from alpt_keras.export.saved_model import (
     SIGNATURE_KEY,
     export_for_serving,
@@ -12,11 +17,22 @@ from alpt_keras.export.saved_model import (
     next_version,
     serving_variables,
 )
+from alpt_keras.export.serving_files import (
+    read_warmup_requests,
+    write_model_config,
+    write_warmup_requests,
+)
 
 __all__ = [
+    "GrpcPredictClient",
+    "RestPredictClient",
     "SIGNATURE_KEY",
+    "ServingError",
     "export_for_serving",
     "export_size_report",
     "next_version",
+    "read_warmup_requests",
     "serving_variables",
+    "write_model_config",
+    "write_warmup_requests",
 ]

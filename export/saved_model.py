@@ -179,7 +179,7 @@ def _strip_newer_ops(version_dir):
 
 
 def export_for_serving(model, base_path, model_name="model", version=None,
-                       input_signature=None):
+                       input_signature=None, warmup_examples=None):
     """Writes a TF Serving SavedModel and returns its version directory.
 
     Args:
@@ -192,6 +192,8 @@ def export_for_serving(model, base_path, model_name="model", version=None,
         version: positive int, or `None` for the next integer version.
         input_signature: dict feature name -> `tf.TensorSpec`; required for
             models without symbolic inputs (subclassed, TFRS).
+        warmup_examples: optional dict feature name -> rows; written as TF
+            Serving warm-up requests (`assets.extra/`).
 
     Returns:
         str, the path `<base_path>/<model_name>/<version>`.
@@ -222,6 +224,10 @@ def export_for_serving(model, base_path, model_name="model", version=None,
             module, staging,
             signatures={SIGNATURE_KEY: module.serve.get_concrete_function()})
         _strip_newer_ops(staging)
+        if warmup_examples is not None:
+            from alpt_keras.export.serving_files import write_warmup_requests
+
+            write_warmup_requests(staging, warmup_examples, model_name)
         os.rename(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -71,6 +71,8 @@ def test_float32_and_alpt8_end_to_end(tmp_path):
     export = report["export"]
     assert export["path"] == str(tmp_path / "serving" / "ctr" / "1")
     assert os.path.exists(os.path.join(export["path"], "saved_model.pb"))
+    assert os.path.exists(os.path.join(
+        export["path"], "assets.extra", "tf_serving_warmup_requests"))
     assert len(export["tables"]) == 4
     for table in export["tables"].values():
         assert table["bytes"] <= 0.32 * table["float32_bytes"]
