@@ -70,7 +70,8 @@ class _ServingModule(tf.Module):
 
     def __init__(self, model, signature, variables):
         super().__init__(name="alpt_serving")
-        self._model = None  # never tracked: keeps optimizer state out
+        # Only these are tracked (not the model: that would drag optimizer
+        # state into the export).
         self.serving_variables = dict(variables)
         logit_layer = None
         try:

@@ -143,3 +143,45 @@ def test_devices_2_trains_under_mirrored_strategy(tmp_path):
     report = _report(out)
     assert report["replicas"] == 2
     assert report["metrics"]["test_auc"] > 0.6
+
+
+def _criteo_file(path, rows=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(rows):
+        user = int(rng.integers(0, 50))
+        label = int(rng.random() < (0.8 if user % 2 else 0.2))
+        numerics = [str(int(rng.integers(0, 100))) if rng.random() > 0.1
+                    else "" for _ in range(13)]
+        cats = [f"u{user}"] + [f"{j}_{int(rng.integers(0, 20))}"
+                               for j in range(25)]
+        lines.append("\t".join([str(label)] + numerics + cats))
+    lines.insert(7, "not\ta\tcriteo\tline")  # reported, skipped
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["criteo", "movielens"])
+def test_real_dataset_paths(tmp_path, dataset):
+    out = str(tmp_path / dataset)
+    args = ["--dataset", dataset, "--model", "deepfm", "--hidden-units",
+            "16", "--output-dir", out]
+    if dataset == "criteo":  # 2,400 training rows: small steps, 3 epochs
+        args += ["--data-path", _criteo_file(tmp_path / "train.txt"),
+                 "--batch-size", "64", "--epochs", "3", "--learning-rate",
+                 "5e-3"]
+    else:
+        args += ["--batch-size", "512"]
+    _run(args)
+    report = _report(out)
+    assert report["data"]["dataset"] == dataset
+    # Criteo: C1 (the user) decides the click; MovieLens: users and items.
+    assert report["metrics"]["test_auc"] > 0.65, report["metrics"]
+    if dataset == "criteo":
+        assert report["data"]["malformed_lines"] == 1
+        assert report["data"]["malformed_examples"][0]["line"] == 8
+        with open(os.path.join(out, "vocabulary.json"),
+                  encoding="utf-8") as f:
+            vocabulary = json.load(f)
+        assert len(vocabulary["fields"]) == 39
