@@ -1,0 +1,133 @@
+"""Embedding-only training step: ALPT vs float32, measured in one run.
+
+The workload of issue 6: one table of V = 2^20 rows x 16, a batch of
+4096 examples x 26 features = 106,496 ids per step drawn as
+`numpy.random.default_rng(0).zipf(1.2, size=(4096, 26)) % V`. One step is
+forward + backward + update of the embedding alone (loss = Σ rows · c).
+Setups, all in the same process so their ratios are comparable:
+- `alpt`: `ALPTEmbedding` (8-bit, per-row Δ) + `ALPTOptimizer` defaults
+  (row-wise Adagrad rows, row-wise Δ rule, stochastic rounding);
+- `float32_sgd`: `keras.layers.Embedding` + Keras SGD (row-sparse on
+  Keras 3);
+- `float32_adam`: `keras.layers.Embedding` + Keras Adam (dense `[V, D]`
+  moment updates).
+
+    python benchmarks/embedding_step.py           # full (~2 min)
+    python benchmarks/embedding_step.py --tiny    # smoke run for CI
+
+Prints a table (examples/s, ms/step, ratio to the fastest float32 setup)
+and writes JSON (default benchmarks/results/embedding_step.json).
+"""
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from alpt_keras import ALPTEmbedding, ALPTOptimizer, _keras
+
+keras = _keras.keras
+
+
+def _setup(name, rows, dim):
+    if name == "alpt":
+        layer = ALPTEmbedding(rows, dim, seed=0, name="table")
+        optimizer = ALPTOptimizer(keras.optimizers.SGD())
+    else:
+        layer = keras.layers.Embedding(rows, dim, name="table")
+        optimizer = (keras.optimizers.SGD(0.01) if name == "float32_sgd"
+                     else keras.optimizers.Adam(1e-3))
+    return layer, optimizer
+
+
+def measure(name, ids, rows, dim, steps, warmup):
+    layer, optimizer = _setup(name, rows, dim)
+    layer(ids[:1])  # build
+    optimizer.build(layer.trainable_variables)
+    upstream = tf.constant(np.random.default_rng(1).normal(
+        0, 1e-4, size=(*ids.shape, dim)).astype(np.float32))
+    ids = tf.constant(ids)
+    kwargs = {"training": True} if name == "alpt" else {}
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(ids, **kwargs) * upstream)
+        grads = tape.gradient(loss, layer.trainable_variables)
+        optimizer.apply_gradients(zip(grads, layer.trainable_variables,
+                                      strict=True))
+        return loss
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step().numpy()  # wait for the step to finish
+        times.append(time.perf_counter() - start)
+    median = float(np.median(times))
+    return {"setup": name, "median_step_seconds": median,
+            "examples_per_second": ids.shape[0] / median,
+            "ids_per_second": int(np.prod(ids.shape)) / median,
+            "steps": steps}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=2**20)
+    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--features", type=int, default=26)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--setups", nargs="+",
+                        default=["alpt", "float32_sgd", "float32_adam"])
+    parser.add_argument("--output", default=os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results",
+        "embedding_step.json"))
+    parser.add_argument("--tiny", action="store_true",
+                        help="seconds-long smoke run (CI)")
+    args = parser.parse_args()
+    if args.tiny:
+        args.rows, args.batch, args.steps, args.warmup = 2**12, 256, 3, 1
+    ids = np.random.default_rng(0).zipf(
+        1.2, size=(args.batch, args.features)) % args.rows
+    results = [measure(name, ids, args.rows, args.dim, args.steps,
+                       args.warmup) for name in args.setups]
+    float32 = [r for r in results if r["setup"].startswith("float32")]
+    fastest = max(float32, key=lambda r: r["examples_per_second"],
+                  default=None)
+    print(f"V={args.rows} D={args.dim} batch={args.batch}x{args.features} "
+          f"({len(np.unique(ids))} unique ids/step), "
+          f"{'Keras 3' if _keras.IS_KERAS_3 else 'tf_keras'}, "
+          f"median of {args.steps} steps")
+    print(f"{'setup':<16}{'examples/s':>14}{'ms/step':>10}"
+          f"{'vs fastest float32':>20}")
+    for r in results:
+        ratio = (r["examples_per_second"] / fastest["examples_per_second"]
+                 if fastest else float("nan"))
+        r["ratio_to_fastest_float32"] = ratio
+        print(f"{r['setup']:<16}{r['examples_per_second']:>14,.0f}"
+              f"{1000 * r['median_step_seconds']:>10.1f}{ratio:>20.2f}")
+    report = {
+        "benchmark": "embedding_step", "config": vars(args),
+        "fastest_float32": fastest["setup"] if fastest else None,
+        "unique_ids_per_step": int(len(np.unique(ids))),
+        "machine": {"processor": platform.processor() or platform.machine(),
+                    "cpus": os.cpu_count(), "tensorflow": tf.__version__,
+                    "keras_flavour": "keras3" if _keras.IS_KERAS_3
+                    else "tf_keras"},
+        "results": results,
+    }
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
