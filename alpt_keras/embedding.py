@@ -181,8 +181,6 @@ class ALPTEmbedding(keras.layers.Layer):
         # containing this layer (unique, scatter and asserts are not XLA-safe).
         self.supports_jit = False
         self._table = None
-        self._training = False
-        self._inference = False
 
     # ------------------------------------------------------------------ build
     def build(self, input_shape=None):
@@ -266,10 +264,6 @@ class ALPTEmbedding(keras.layers.Layer):
 
     # ------------------------------------------------------------------- call
     def call(self, inputs, training=None):
-        # Only a training-mode pass insists on an ALPTOptimizer: gradients
-        # taken for inspection need none.
-        self._training = training is True
-        self._inference = training is False
         if _keras.in_xla_context():
             raise NotImplementedError(
                 f"ALPTEmbedding '{self.name}' cannot run under XLA: XLA drops "
@@ -281,7 +275,7 @@ class ALPTEmbedding(keras.layers.Layer):
             inputs = tf.RaggedTensor.from_sparse(inputs)
         if isinstance(inputs, tf.RaggedTensor):
             ids = self._to_ids(inputs.flat_values)
-            rows = self._lookup(ids)  # (N, D)
+            rows = self._lookup(ids, training)  # (N, D)
             embedded = inputs.with_flat_values(rows)  # (B, ..., (L), D)
             if self.combiner is None:
                 return embedded
@@ -294,7 +288,7 @@ class ALPTEmbedding(keras.layers.Layer):
         out_shape = tf.concat(
             [tf.shape(inputs, out_type=tf.int32), [self.output_dim]], axis=0
         )
-        embedded = tf.reshape(self._lookup(ids), out_shape)
+        embedded = tf.reshape(self._lookup(ids, training), out_shape)
         if self.combiner is None:
             return embedded
         if inputs.shape.rank is not None and inputs.shape.rank < 1:
@@ -338,14 +332,18 @@ class ALPTEmbedding(keras.layers.Layer):
         with tf.control_dependencies([check]):
             return tf.identity(ids)
 
-    def _lookup(self, ids):
-        """Dequantized rows `[N, D]` whose gradient flows to the carrier."""
+    def _lookup(self, ids, training):
+        """Dequantized rows `[N, D]` whose gradient flows to the carrier.
+
+        `training=False` (predict, serving) is a plain lookup; otherwise the
+        rows carry their sparse gradient, and a `training=True` pass insists
+        on an ALPTOptimizer (gradients taken for inspection need none).
+        """
         table = self._table
-        training = self._training
         rows = quantizers.dequantize(
             table.storage.read_rows(ids), table.read_step_sizes(ids)
         )
-        if self._inference:
+        if training is False:
             # Inference (predict, serving): plain dequantized lookup, no
             # gradient plumbing, so exports capture only codes and Δ.
             return tf.cast(rows, self.compute_dtype)
@@ -356,7 +354,7 @@ class ALPTEmbedding(keras.layers.Layer):
         @tf.custom_gradient
         def attach(carrier, rows):
             def grad(upstream):
-                if training:
+                if training is True:
                     table.check_optimizer()
                 row_grads = tf.IndexedSlices(
                     tf.cast(upstream, tf.float32), ids, dense_shape

@@ -20,13 +20,11 @@ and writes JSON (default benchmarks/results/embedding_step.json).
 """
 
 import argparse
-import json
-import os
-import platform
 import time
 
 import numpy as np
 import tensorflow as tf
+from _report import default_output, machine_info, write_report
 
 from alpt_keras import ALPTEmbedding, ALPTOptimizer, _keras
 
@@ -86,9 +84,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--setups", nargs="+",
                         default=["alpt", "float32_sgd", "float32_adam"])
-    parser.add_argument("--output", default=os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results",
-        "embedding_step.json"))
+    parser.add_argument("--output", default=default_output("embedding_step"))
     parser.add_argument("--tiny", action="store_true",
                         help="seconds-long smoke run (CI)")
     args = parser.parse_args()
@@ -117,16 +113,10 @@ def main():
         "benchmark": "embedding_step", "config": vars(args),
         "fastest_float32": fastest["setup"] if fastest else None,
         "unique_ids_per_step": int(len(np.unique(ids))),
-        "machine": {"processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "tensorflow": tf.__version__,
-                    "keras_flavour": "keras3" if _keras.IS_KERAS_3
-                    else "tf_keras"},
+        "machine": machine_info(),
         "results": results,
     }
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
 
 
 if __name__ == "__main__":

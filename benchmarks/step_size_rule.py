@@ -18,9 +18,6 @@ Prints a table and writes JSON (default benchmarks/results/).
 
 import argparse
 import contextlib
-import json
-import os
-import platform
 import time
 
 import numpy as np
@@ -30,6 +27,8 @@ _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
 )
+
+from _report import default_output, machine_info, write_report  # noqa: E402
 
 from alpt_keras import ALPTOptimizer, _keras  # noqa: E402
 from alpt_keras.models.dnn import build_dnn  # noqa: E402
@@ -143,9 +142,7 @@ def main():
     parser.add_argument("--replica-bits", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--horizons", type=int, nargs="+",
                         default=[5, 10, 20, 40, 80])
-    parser.add_argument("--output", default=os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results",
-        "step_size_rule.json"))
+    parser.add_argument("--output", default=default_output("step_size_rule"))
     parser.add_argument("--tiny", action="store_true",
                         help="seconds-long smoke run (CI)")
     args = parser.parse_args()
@@ -166,19 +163,12 @@ def main():
     report = {
         "benchmark": "step_size_rule",
         "config": vars(args),
-        "machine": {"processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(),
-                    "tensorflow": tf.__version__,
-                    "keras_flavour": "keras3" if _keras.IS_KERAS_3
-                    else "tf_keras"},
+        "machine": machine_info(),
         "seconds": time.time() - started,
         "accuracy": accuracy,
         "replicas": replicas,
     }
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.output} ({report['seconds']:.0f} s)")
+    write_report(args.output, report)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,12 @@ def dot_interaction(name=None):
     return tfrs.layers.feature_interaction.DotInteraction(name=name)
 
 
+def _pairs_shape(input_shape):
+    """`[B, F, D]` -> `[B, F(F-1)/2]`: one value per field pair `i < j`."""
+    fields = input_shape[1]
+    return (input_shape[0], fields * (fields - 1) // 2)
+
+
 @register
 class FactorizationMachine(keras.layers.Layer):
     """Second-order FM term `½ Σ_d [(Σ_f v_fd)² - Σ_f v_fd²]`, shape `[B, 1]`.
@@ -76,8 +82,7 @@ class InnerProducts(keras.layers.Layer):
             tf.transpose(products, [1, 2, 0]), index))
 
     def compute_output_shape(self, input_shape):
-        fields = input_shape[1]
-        return (input_shape[0], fields * (fields - 1) // 2)
+        return _pairs_shape(input_shape)
 
 
 @register
@@ -164,8 +169,7 @@ class FieldDotInteraction(keras.layers.Layer):
         return self.interaction(tf.unstack(embeddings, axis=1))
 
     def compute_output_shape(self, input_shape):
-        fields = input_shape[1]
-        return (input_shape[0], fields * (fields - 1) // 2)
+        return _pairs_shape(input_shape)
 
 
 @register

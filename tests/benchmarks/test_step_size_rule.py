@@ -1,26 +1,15 @@
 """The step-size-rule benchmark runs in its tiny configuration."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+from tests.benchmarks import run_tiny
 
 
 @pytest.mark.slow
 def test_tiny_run_writes_complete_json(tmp_path):
     output = tmp_path / "step_size_rule.json"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "step_size_rule.py"),
-         "--tiny", "--output", str(output)],
-        capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Part A" in proc.stdout and "Part B" in proc.stdout
-    report = json.loads(output.read_text())
+    stdout, report = run_tiny("step_size_rule.py", output)
+    assert "Part A" in stdout and "Part B" in stdout
     assert report["benchmark"] == "step_size_rule"
     kinds = {(row["embedding"], row["step_size_rule"])
              for row in report["accuracy"]}
