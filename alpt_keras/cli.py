@@ -36,6 +36,9 @@ def _parser():
                    help="dnn, dcn, deepfm, ipnn, dlrm or wide_deep.")
     p.add_argument("--embedding", choices=EMBEDDINGS, default="alpt")
     p.add_argument("--bits", type=int, default=8)
+    p.add_argument("--storage", choices=("int8", "packed"), default="int8",
+                   help="ALPT codes as int8 or bit-packed into int32 words "
+                        "(4-bit tables take half the bytes of 8-bit ones)")
     p.add_argument("--rounding", choices=("stochastic", "deterministic"),
                    default="stochastic")
     p.add_argument("--step-size", choices=("row", "table"), default="row")
@@ -228,7 +231,7 @@ def main(argv=None):
     table_kwargs = dict(embedding_dim=args.embedding_dim,
                         kind=args.embedding, num_bits=args.bits,
                         rounding=args.rounding, step_size=args.step_size,
-                        seed=args.seed)
+                        seed=args.seed, storage=args.storage)
     features, (train, validation, test), info, pipeline = _load_data(
         args, table_kwargs)
     if args.output_dir:

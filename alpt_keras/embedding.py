@@ -8,9 +8,14 @@ import tensorflow as tf
 from alpt_keras import _keras, quantizers
 from alpt_keras.table import (
     SUPPORTED_STEP_SIZE,
+    SUPPORTED_STORAGE,
     TAG_ATTRIBUTE,
     Int8Storage,
+    PackedStorage,
     TableState,
+    pack_codes,
+    unpack_codes,
+    words_per_row,
 )
 
 keras = _keras.keras
@@ -32,6 +37,24 @@ def _check_positive_int(name, value):
 
 def _crc32(text):
     return zlib.crc32(text.encode("utf-8"))
+
+
+class _StorageConvertingStore:
+    """A read-only view of a Keras weights store that converts codes saved
+    with the other storage (see `ALPTEmbedding.load_own_variables`)."""
+
+    def __init__(self, store, layer):
+        self._store = store
+        self._layer = layer
+
+    def keys(self):
+        return self._store.keys()
+
+    def __len__(self):
+        return len(self._store.keys())
+
+    def __getitem__(self, key):
+        return self._layer._convert_codes(self._store[key])
 
 
 @_keras.register
@@ -77,6 +100,13 @@ class ALPTEmbedding(keras.layers.Layer):
             given, else of `seed`, else of the automatic layer name (which
             depends on how many layers the process built: name your tables
             for runs that must reproduce across processes).
+        storage: `"int8"` (one int8 per code, a `[V, D]` variable) or
+            `"packed"` (codes bit-packed into int32 words, a
+            `[V, ceil(D·b/32)]` variable: 8-bit codes take 1 byte, 4-bit
+            1/2, 2-bit 1/4; required under MultiWorkerMirroredStrategy,
+            whose collectives refuse int8). Both give identical codes for the
+            same seed, and `.keras`/`.weights.h5` files load into either.
+            Defaults to `"int8"`.
         **kwargs: base layer arguments (`name`, `dtype`, `trainable`).
 
     Example:
@@ -106,6 +136,7 @@ class ALPTEmbedding(keras.layers.Layer):
         combiner=None,
         min_step_size=1e-8,
         noise_salt=None,
+        storage="int8",
         **kwargs,
     ):
         explicit_name = kwargs.get("name")
@@ -155,6 +186,12 @@ class ALPTEmbedding(keras.layers.Layer):
                 f"Received: min_step_size={min_step_size!r}"
             )
         self.min_step_size = float(min_step_size)
+        if storage not in SUPPORTED_STORAGE:
+            raise ValueError(
+                f"`storage` must be one of {SUPPORTED_STORAGE}. "
+                f"Received: storage={storage!r}"
+            )
+        self.storage = storage
         if embeddings_initializer is None:
             embeddings_initializer = keras.initializers.RandomNormal(
                 mean=0.0, stddev=0.003, seed=self.seed
@@ -206,12 +243,16 @@ class ALPTEmbedding(keras.layers.Layer):
                 self.rounding,
             )
         extra = {"autocast": False} if _keras.IS_KERAS_3 else {}
+        if self.storage == "packed":
+            codes0 = pack_codes(codes0, self.num_bits)
+        else:
+            codes0 = tf.cast(codes0, tf.int8)
         # Keep this order stable: checkpoints store layer weights by position.
         self.codes = self.add_weight(
             name="codes",
-            shape=shape,
-            dtype="int8",
-            initializer=lambda shape, dtype=None: tf.cast(codes0, tf.int8),
+            shape=tuple(codes0.shape),
+            dtype=codes0.dtype.name,
+            initializer=lambda shape, dtype=None: codes0,
             trainable=False,
             aggregation=_keras.weight_aggregation(),
             **extra,
@@ -247,7 +288,10 @@ class ALPTEmbedding(keras.layers.Layer):
             seed=0 if self.seed is None else self.seed,
             salt=self.noise_salt,
             min_step_size=self.min_step_size,
-            storage=Int8Storage(self.codes),
+            storage=(
+                PackedStorage(self.codes, self.num_bits, self.output_dim)
+                if self.storage == "packed" else Int8Storage(self.codes)
+            ),
             step_size=self.step_sizes,
         )
         setattr(self.gradient_carrier, TAG_ATTRIBUTE, self._table)
@@ -376,6 +420,12 @@ class ALPTEmbedding(keras.layers.Layer):
         return input_shape + (self.output_dim,)
 
     # ------------------------------------------------------- float interface
+    def unpacked_codes(self):
+        """The codes as an int8 tensor `[input_dim, output_dim]`, whatever
+        the storage."""
+        self._ensure_built()
+        return tf.cast(self._table.storage.read_all(), tf.int8)
+
     def dequantized_table(self):
         """The float32 table `Δ · ŵ`, shape `[input_dim, output_dim]`."""
         self._ensure_built()
@@ -451,6 +501,37 @@ class ALPTEmbedding(keras.layers.Layer):
         layer.set_float_table(table)
         return layer
 
+    # ------------------------------------------------------------ checkpoint
+    def load_own_variables(self, store):
+        """Loads `.keras` / `.weights.h5` state saved with either storage:
+        int8 codes are packed, packed codes unpacked, on the fly."""
+        self._ensure_built()
+        super().load_own_variables(_StorageConvertingStore(store, self))
+
+    def _convert_codes(self, value):
+        """`value` (a stored variable) in this layer's codes format, or
+        `value` unchanged when it is not codes of the other storage."""
+        array = np.asarray(value)
+        shape = (self.input_dim, self.output_dim)
+        words = (self.input_dim, words_per_row(self.output_dim,
+                                               self.num_bits))
+        if self.storage == "packed" and array.dtype == np.int8 and \
+                array.shape == shape:
+            low, high = quantizers.code_range(self.num_bits)
+            if array.min(initial=0) < low or array.max(initial=0) > high:
+                raise ValueError(
+                    f"Cannot load int8 codes into the {self.num_bits}-bit "
+                    f"packed layer '{self.name}': codes must be in "
+                    f"[{low}, {high}]. Received: codes in "
+                    f"[{array.min()}, {array.max()}]"
+                )
+            return pack_codes(array, self.num_bits).numpy()
+        if self.storage == "int8" and array.dtype == np.int32 and \
+                array.shape == words:
+            codes = unpack_codes(array, self.num_bits, self.output_dim)
+            return tf.cast(codes, tf.int8).numpy()
+        return value
+
     def _ensure_built(self):
         if self._table is None:
             self.build(None)
@@ -472,6 +553,7 @@ class ALPTEmbedding(keras.layers.Layer):
                 "combiner": self.combiner,
                 "min_step_size": self.min_step_size,
                 "noise_salt": self.noise_salt,
+                "storage": self.storage,
             }
         )
         return config

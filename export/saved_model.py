@@ -21,6 +21,7 @@ directories) never sees a half-written version, and a failure leaves nothing
 behind.
 """
 
+import json
 import os
 import shutil
 import uuid
@@ -30,6 +31,10 @@ import tensorflow as tf
 from alpt_keras._keras import keras, tf_variable
 
 SIGNATURE_KEY = "serving_default"
+# Describes each ALPT table of an export (shape, bits, storage), so tools
+# can decode the codes and size reports know `D` of packed tables. TF
+# Serving ignores `assets.extra/` files other than its warm-up requests.
+TABLES_FILE = "alpt_tables.json"
 
 
 def next_version(model_dir):
@@ -179,6 +184,26 @@ def _strip_newer_ops(version_dir):
         f.write(saved_model.SerializeToString())
 
 
+def alpt_tables(model, variables):
+    """Export key prefix -> settings of every ALPT table among `variables`
+    (as returned by `serving_variables`)."""
+    from alpt_keras.embedding import ALPTEmbedding
+
+    keys = {id(v): k for k, v in variables.items()}
+    tables = {}
+    for layer in model._flatten_layers(include_self=False):
+        if not isinstance(layer, ALPTEmbedding) or not layer.built:
+            continue
+        key = keys.get(id(tf_variable(layer.codes)))
+        if key is None or not key.endswith(".codes"):
+            continue
+        tables[key[:-len(".codes")]] = {
+            "input_dim": layer.input_dim, "output_dim": layer.output_dim,
+            "num_bits": layer.num_bits, "storage": layer.storage,
+            "step_size": layer.step_size}
+    return tables
+
+
 def export_for_serving(model, base_path, model_name="model", version=None,
                        input_signature=None, warmup_examples=None):
     """Writes a TF Serving SavedModel and returns its version directory.
@@ -216,8 +241,8 @@ def export_for_serving(model, base_path, model_name="model", version=None,
                          "Received: a version that TF Serving may be "
                          "serving; choose another or omit `version`.")
     signature = _input_signature(model, input_signature)
-    module = _ServingModule(model, signature,
-                            serving_variables(model))
+    variables = serving_variables(model)
+    module = _ServingModule(model, signature, variables)
     os.makedirs(model_dir, exist_ok=True)
     staging = os.path.join(model_dir, f".tmp-{version}-{uuid.uuid4().hex}")
     try:
@@ -225,6 +250,11 @@ def export_for_serving(model, base_path, model_name="model", version=None,
             module, staging,
             signatures={SIGNATURE_KEY: module.serve.get_concrete_function()})
         _strip_newer_ops(staging)
+        extra = os.path.join(staging, "assets.extra")
+        os.makedirs(extra, exist_ok=True)
+        with open(os.path.join(extra, TABLES_FILE), "w") as f:
+            json.dump(alpt_tables(model, variables), f, indent=1,
+                      sort_keys=True)
         if warmup_examples is not None:
             from alpt_keras.export.serving_files import write_warmup_requests
 
@@ -238,7 +268,14 @@ def export_for_serving(model, base_path, model_name="model", version=None,
 
 def export_size_report(version_dir):
     """Bytes per variable (from the checkpoint index), per embedding table
-    next to its float32 equivalent (`V·D·4`), and of the whole export."""
+    next to its float32 equivalent (`V·D·4`), and of the whole export.
+    Tables listed in `assets.extra/alpt_tables.json` also report their
+    `num_bits` and `storage`."""
+    meta_path = os.path.join(version_dir, "assets.extra", TABLES_FILE)
+    meta = {}
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
     reader = tf.train.load_checkpoint(
         os.path.join(version_dir, "variables", "variables"))
     shapes = reader.get_variable_to_shape_map()
@@ -267,6 +304,10 @@ def export_size_report(version_dir):
         table["bytes"] += info["bytes"]
         if leaf in ("codes", "embeddings"):
             rows, width = info["shape"]
+            if prefix in meta:  # packed codes: width counts words
+                width = meta[prefix]["output_dim"]
+                table["num_bits"] = meta[prefix]["num_bits"]
+                table["storage"] = meta[prefix]["storage"]
             table["float32_bytes"] = 4 * rows * width
     total = 0
     for root, _, files in os.walk(version_dir):

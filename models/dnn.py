@@ -20,6 +20,7 @@ def build_dnn(
     rounding="stochastic",
     step_size="row",
     seed=0,
+    storage="int8",
 ):
     """A DNN: one shared table for all fields, MLP head, sigmoid output.
 
@@ -30,7 +31,7 @@ def build_dnn(
             step size) or `"alpt"` (learned step size).
         embedding_dim: int. Row width.
         hidden_units: tuple of int. MLP layer widths.
-        num_bits, rounding, step_size: `ALPTEmbedding` settings.
+        num_bits, rounding, step_size, storage: `ALPTEmbedding` settings.
         seed: int. Seeds every initializer.
     """
     if embedding not in SUPPORTED_EMBEDDINGS:
@@ -57,6 +58,7 @@ def build_dnn(
             step_size=step_size,
             learn_step_size=embedding == "alpt",
             seed=seed,
+            storage=storage,
             name="embedding",
         )
     x = keras.layers.Flatten()(table(ids))

@@ -5,7 +5,7 @@ import dataclasses
 from alpt_keras import ALPTEmbedding
 from alpt_keras._keras import keras
 from alpt_keras.quantizers import SUPPORTED_ROUNDING, validate_num_bits
-from alpt_keras.table import SUPPORTED_STEP_SIZE
+from alpt_keras.table import SUPPORTED_STEP_SIZE, SUPPORTED_STORAGE
 
 EMBEDDING_KINDS = ("float32", "lpt", "alpt")
 SUPPORTED_COMBINERS = ("sum", "mean", "sqrtn")
@@ -26,6 +26,8 @@ class TableConfig:
             LPT-DR). Defaults to `"stochastic"`.
         step_size: `"row"` or `"table"`. Defaults to `"row"`.
         seed: int. Seeds the initializer and the noise. Defaults to `0`.
+        storage: `"int8"` or `"packed"` codes (`ALPTEmbedding`). Defaults
+            to `"int8"`.
     """
 
     name: str
@@ -36,6 +38,7 @@ class TableConfig:
     rounding: str = "stochastic"
     step_size: str = "row"
     seed: int = 0
+    storage: str = "int8"
 
     def __post_init__(self):
         for field in ("vocabulary_size", "embedding_dim"):
@@ -62,6 +65,11 @@ class TableConfig:
                 f"`step_size` must be one of {SUPPORTED_STEP_SIZE}. "
                 f"Received: step_size={self.step_size!r}"
             )
+        if self.storage not in SUPPORTED_STORAGE:
+            raise ValueError(
+                f"`storage` must be one of {SUPPORTED_STORAGE}. "
+                f"Received: storage={self.storage!r} (table {self.name!r})"
+            )
 
     def make_layer(self):
         """The table layer: `keras.layers.Embedding` or `ALPTEmbedding`."""
@@ -82,6 +90,7 @@ class TableConfig:
             rounding=self.rounding,
             learn_step_size=self.kind == "alpt",
             seed=self.seed,
+            storage=self.storage,
             name=self.name,
         )
 
@@ -150,7 +159,7 @@ class FeatureConfig:
 
 def simple_features(vocabulary_sizes, embedding_dim=16, kind="alpt",
                     num_bits=8, rounding="stochastic", step_size="row",
-                    seed=0):
+                    seed=0, storage="int8"):
     """One table per feature, all with the same settings.
 
     Args:
@@ -161,7 +170,7 @@ def simple_features(vocabulary_sizes, embedding_dim=16, kind="alpt",
         FeatureConfig(
             name,
             TableConfig(name, size, embedding_dim, kind, num_bits, rounding,
-                        step_size, seed + i),
+                        step_size, seed + i, storage),
         )
         for i, (name, size) in enumerate(vocabulary_sizes.items())
     ]

@@ -10,6 +10,7 @@ from alpt_keras import ALPTEmbedding, ALPTOptimizer, quantizers
 from alpt_keras._keras import keras
 from alpt_keras.models.dnn import build_dnn
 from alpt_keras.models.synthetic import make_synthetic_ctr
+from alpt_keras.table import unpack_codes
 from tests.core.helpers import replica_values
 
 FIELDS, VOCAB, BATCH = 4, 300, 256
@@ -23,16 +24,23 @@ def assert_replicas_identical(variable):
             f"{int(np.sum(copy != copies[0]))} entries")
 
 
-def _train(strategy, data, bits=8):
+def _codes(layer):
+    """Replica 0's codes as int `[V, D]`, whatever the storage."""
+    stored = replica_values(layer.codes)[0]
+    if layer.storage == "packed":
+        stored = unpack_codes(stored, layer.num_bits, layer.output_dim)
+    return np.asarray(stored).astype(int)
+
+
+def _train(strategy, data, bits=8, storage="int8"):
     scope = strategy.scope() if strategy else contextlib.nullcontext()
     with scope:
         tf.keras.utils.set_random_seed(0)
         model = build_dnn(FIELDS, VOCAB, embedding="alpt", num_bits=bits,
-                          seed=0, hidden_units=(32,))
+                          seed=0, hidden_units=(32,), storage=storage)
         optimizer = ALPTOptimizer(keras.optimizers.Adam(5e-3))
         model.compile(optimizer, "binary_crossentropy")
-    model.initial_codes = replica_values(
-        model.get_layer("embedding").codes)[0].copy()
+    model.initial_codes = _codes(model.get_layer("embedding"))
     # Same global batches in the same order for both runs.
     model.fit(data.ids, data.labels, batch_size=BATCH, epochs=1,
               shuffle=False, verbose=0)
@@ -48,13 +56,14 @@ STEPS = 20
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits, storage", [(8, "int8"), (4, "int8"),
+                                           (4, "packed")])
 def test_mirrored_fit_is_replica_consistent_and_matches_one_replica(
-        mirrored_strategy, bits):
+        mirrored_strategy, bits, storage):
     strategy = mirrored_strategy
     data = make_synthetic_ctr(STEPS * BATCH, num_fields=FIELDS,
                               vocab_size=VOCAB, seed=1)
-    model, optimizer = _train(strategy, data, bits)
+    model, optimizer = _train(strategy, data, bits, storage)
     layer = model.get_layer("embedding")
     assert strategy.num_replicas_in_sync == 2
     assert len(replica_values(layer.codes)) == 2
@@ -67,10 +76,9 @@ def test_mirrored_fit_is_replica_consistent_and_matches_one_replica(
     for variable in [layer.codes, layer.step_sizes] + own:
         assert_replicas_identical(variable)
 
-    single, _ = _train(None, data, bits)
+    single, _ = _train(None, data, bits, storage)
     ref_layer = single.get_layer("embedding")
-    codes = replica_values(layer.codes)[0].astype(int)
-    ref_codes = replica_values(ref_layer.codes)[0].astype(int)
+    codes, ref_codes = _codes(layer), _codes(ref_layer)
     diff = codes - ref_codes
     # Only float summation order differs (per-replica sums + all-reduce):
     # at most 0.1% of codes differ, each by one step.

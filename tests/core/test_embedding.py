@@ -145,6 +145,7 @@ def test_under_xla_the_layer_refuses_clearly():
         (dict(combiner="max"), "combiner='max'"),
         (dict(min_step_size=0.0), "min_step_size=0.0"),
         (dict(noise_salt=1.5), "noise_salt=1.5"),
+        (dict(storage="int4"), "storage='int4'"),
     ],
 )
 def test_bad_constructor_values_are_quoted(kwargs, message):

@@ -19,10 +19,12 @@ def _table_sized_outputs(graph):
     return found
 
 
-@pytest.mark.parametrize("step_size", ["row", "table"])
+@pytest.mark.parametrize("step_size, storage", [
+    ("row", "int8"), ("table", "int8"), ("row", "packed")])
 @pytest.mark.parametrize("emb_opt", ["rowwise_adagrad", "lazy_adam"])
-def test_train_step_has_no_full_table_tensor(emb_opt, step_size):
-    layer = ALPTEmbedding(V, D, step_size=step_size, seed=0)
+def test_train_step_has_no_full_table_tensor(emb_opt, step_size, storage):
+    layer = ALPTEmbedding(V, D, step_size=step_size, seed=0, storage=storage,
+                          num_bits=4)
     dense = keras.layers.Dense(1)
     optimizer = ALPTOptimizer(keras.optimizers.Adam(),
                               embedding_optimizer=emb_opt)

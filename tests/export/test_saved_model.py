@@ -25,23 +25,25 @@ HERE = os.path.dirname(__file__)
 # later). An op outside this set would make older servers refuse the model.
 ALLOWED_OPS = frozenset({
     "AddV2", "Any", "Assert", "AssignVariableOp", "BatchMatMulV2", "BiasAdd",
-    "BroadcastTo", "Cast", "ConcatV2", "Const", "Cumsum", "ExpandDims",
-    "GatherNd", "GatherV2", "GreaterEqual", "Identity", "If", "Less",
-    "LogicalNot", "LogicalOr", "MatMul", "MatrixBandPart", "Max", "Maximum",
-    "MergeV2Checkpoints", "Mul", "NoOp", "NotEqual", "OnesLike", "Pack",
-    "Placeholder", "Prod", "Range", "ReadVariableOp", "RealDiv", "Relu",
-    "Reshape", "ResourceGather", "RestoreV2", "Rsqrt", "SaveV2", "Select",
-    "SelectV2", "Shape", "ShardedFilename", "Sigmoid", "Square", "Squeeze",
+    "BitwiseAnd", "BroadcastTo", "Cast", "ConcatV2", "Const", "Cumsum",
+    "EnsureShape", "ExpandDims", "GatherNd", "GatherV2", "GreaterEqual",
+    "Identity", "If", "Less", "LogicalNot", "LogicalOr", "MatMul",
+    "MatrixBandPart", "Max", "Maximum", "MergeV2Checkpoints", "Mul", "NoOp",
+    "NotEqual", "OnesLike", "Pack", "Placeholder", "Prod", "Range",
+    "ReadVariableOp", "RealDiv", "Relu", "Reshape", "ResourceGather",
+    "RestoreV2", "RightShift", "Rsqrt", "SaveV2", "Select", "SelectV2",
+    "Shape", "ShardedFilename", "Sigmoid", "Square", "Squeeze",
     "StatefulPartitionedCall", "StaticRegexFullMatch", "StridedSlice",
     "StringJoin", "Sub", "Sum", "Tile", "Transpose", "Unpack",
     "UnsortedSegmentSum", "VarHandleOp", "Where",
 })
 
 
-def _features(kind="alpt"):
+def _features(kind="alpt", **table):
     return simple_features({"user": 100, "item": 50}, embedding_dim=8,
-                           kind=kind) + [
-        FeatureConfig("genres", TableConfig("genre", 20, 8, kind=kind),
+                           kind=kind, **table) + [
+        FeatureConfig("genres", TableConfig("genre", 20, 8, kind=kind,
+                                            **table),
                       max_ids=3)]
 
 
@@ -51,8 +53,8 @@ def _inputs(n=64, seed=0):
             "genres": rng.integers(-1, 20, (n, 3))}
 
 
-def _trained(model_name, kind="alpt"):
-    model = build_ctr_model(_features(kind), model=model_name,
+def _trained(model_name, kind="alpt", **table):
+    model = build_ctr_model(_features(kind, **table), model=model_name,
                             hidden_units=(16,))
     inner = keras.optimizers.Adam(1e-2)
     model.compile(inner if kind == "float32" else ALPTOptimizer(inner),
@@ -190,6 +192,47 @@ def test_export_size_with_a_2_20_row_table(tmp_path):
     # int8 codes (16 B) + per-row Δ (4 B) vs 64 B per row: 0.3125.
     assert sizes["alpt"][0] <= 0.32 * sizes["float32"][0], sizes
     assert sizes["alpt"][1] <= 0.35 * sizes["float32"][1], sizes
+
+
+@pytest.mark.slow
+def test_packed_tables_serve_and_stay_packed(tmp_path):
+    model = _trained("deepfm", num_bits=4, storage="packed")
+    version_dir = export_for_serving(model, str(tmp_path / "base"), "ctr")
+    x = _inputs()
+    served = _serve(version_dir, x, tmp_path)
+    assert str(served["_error"]) == ""
+    np.testing.assert_allclose(served["probability"],
+                               model.predict(x, verbose=0), atol=1e-6)
+    ops = set(served["_ops"].tolist())
+    assert ops <= ALLOWED_OPS, sorted(ops - ALLOWED_OPS)
+    report = export_size_report(version_dir)
+    codes = {k: v for k, v in report["variables"].items()
+             if k.endswith(".codes")}
+    assert len(codes) == 6  # three tables and DeepFM's three linear ones
+    # 8-wide (and 1-wide linear) 4-bit rows: one int32 word per row.
+    assert all(v["dtype"] == "int32" and v["shape"][1] == 1
+               for v in codes.values()), codes
+    table = report["tables"]["embedding.user"]
+    assert table["num_bits"] == 4 and table["storage"] == "packed"
+    assert table["float32_bytes"] == 4 * 100 * 8
+
+
+def test_packed_exports_shrink_with_the_bits(tmp_path):
+    """The codes of 4-bit and 2-bit exports take 1/2 and 1/4 of the 8-bit
+    bytes, measured in the export's checkpoint."""
+    sizes = {}
+    for bits in (8, 4, 2):
+        features = [FeatureConfig("id", TableConfig(
+            "id", 4096, 16, num_bits=bits, storage="packed",
+            step_size="table"))]
+        model = build_ctr_model(features, model="dnn", hidden_units=(4,))
+        report = export_size_report(export_for_serving(
+            model, str(tmp_path / str(bits)), "ctr"))
+        sizes[bits] = report["variables"]["embedding.id.codes"]["bytes"]
+        table = report["tables"]["embedding.id"]
+        assert table["float32_bytes"] == 4 * 4096 * 16
+    assert sizes[8] == 4096 * 16  # one byte per code
+    assert sizes[8] == 2 * sizes[4] == 4 * sizes[2], sizes
 
 
 def test_models_without_symbolic_inputs_need_a_signature(tmp_path):
