@@ -17,7 +17,9 @@ This command is the only module that may import both `models` and `export`.
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -36,9 +38,12 @@ def _parser():
                    help="dnn, dcn, deepfm, ipnn, dlrm or wide_deep.")
     p.add_argument("--embedding", choices=EMBEDDINGS, default="alpt")
     p.add_argument("--bits", type=int, default=8)
-    p.add_argument("--storage", choices=("int8", "packed"), default="int8",
+    p.add_argument("--storage", choices=("auto", "int8", "packed"),
+                   default="auto",
                    help="ALPT codes as int8 or bit-packed into int32 words "
-                        "(4-bit tables take half the bytes of 8-bit ones)")
+                        "(4-bit tables take half the bytes of 8-bit ones). "
+                        "auto: packed in a multi-worker cluster (whose "
+                        "collectives refuse int8), else int8.")
     p.add_argument("--rounding", choices=("stochastic", "deterministic"),
                    default="stochastic")
     p.add_argument("--step-size", choices=("row", "table"), default="row")
@@ -103,6 +108,85 @@ def _check(args):
         raise SystemExit("alpt-train: --hidden-units must be integers "
                          f"separated by commas. Received: "
                          f"{args.hidden_units!r}") from None
+
+
+def cluster_from_env(environ=None):
+    """The `TF_CONFIG` cluster this process belongs to, or `None`.
+
+    Returns a dict with `task_type`, `task_index`, `num_workers`,
+    `is_chief` (the `chief` task, else worker 0) and `kind`
+    (`"multi_worker"`).
+    """
+    environ = os.environ if environ is None else environ
+    raw = environ.get("TF_CONFIG", "")
+    if not raw.strip():
+        return None
+    try:
+        config = json.loads(raw)
+        cluster, task = config["cluster"], config["task"]
+        task_type, task_index = task["type"], int(task["index"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise SystemExit(
+            "alpt-train: TF_CONFIG must be JSON with 'cluster' and 'task' "
+            "({'type': ..., 'index': ...}). Received: "
+            f"TF_CONFIG={raw!r} ({error})") from None
+    if "ps" in cluster:
+        raise SystemExit(
+            "alpt-train: a TF_CONFIG with 'ps' tasks asks for "
+            "ParameterServerStrategy, which alpt-train does not run yet; "
+            "see README 'Training on a cluster' for the custom-loop "
+            f"recipe. Received: cluster tasks {sorted(cluster)}")
+    if task_type not in ("chief", "worker") or task_type not in cluster:
+        raise SystemExit(
+            "alpt-train: the TF_CONFIG task type must be 'chief' or "
+            "'worker' and listed in the cluster. Received: "
+            f"task type {task_type!r}, cluster tasks {sorted(cluster)}")
+    num_workers = len(cluster.get("worker", [])) + len(cluster.get("chief",
+                                                                   []))
+    is_chief = task_type == "chief" or (
+        task_type == "worker" and task_index == 0 and "chief" not in cluster)
+    return {"kind": "multi_worker", "task_type": task_type,
+            "task_index": task_index, "num_workers": num_workers,
+            "is_chief": is_chief}
+
+
+def _multi_worker_strategy(args, cluster):
+    from alpt_keras._keras import IS_KERAS_3
+
+    if args.devices != 1:
+        raise SystemExit("alpt-train: --devices applies to one machine; in "
+                         "a TF_CONFIG cluster every worker uses its local "
+                         f"devices. Received: --devices {args.devices}")
+    if IS_KERAS_3:
+        raise SystemExit(
+            "alpt-train: Keras 3 `model.fit` cannot train under "
+            "MultiWorkerMirroredStrategy (keras-team/keras#20585: "
+            "'PerReplica' conversion error). Run the workers with tf_keras: "
+            "TF_USE_LEGACY_KERAS=1.")
+    if args.storage == "int8" and args.embedding != "float32":
+        raise SystemExit(
+            "alpt-train: MultiWorkerMirroredStrategy broadcasts variables "
+            "with collectives, which refuse int8: use --storage packed (or "
+            "auto). Received: --storage int8")
+    import tensorflow as tf
+
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def table_digests(model):
+    """sha256 of each ALPT table's codes and step sizes (workers of one
+    cluster must agree bit for bit)."""
+    import hashlib
+
+    digests = {}
+    for layer in model.get_layer("embedding").tables:
+        if not hasattr(layer, "codes"):
+            continue
+        h = hashlib.sha256()
+        for variable in (layer.codes, layer.step_sizes):
+            h.update(np.asarray(variable.numpy()).tobytes())
+        digests[layer.name] = h.hexdigest()
+    return digests
 
 
 def _setup_devices(devices):
@@ -218,7 +302,20 @@ def table_bytes(model, optimizer):
 def main(argv=None):
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     _check(args)
-    strategy = _setup_devices(args.devices)
+    cluster = cluster_from_env()
+    if cluster is not None:
+        strategy = _multi_worker_strategy(args, cluster)
+    else:
+        strategy = _setup_devices(args.devices)
+    if args.storage == "auto":
+        args.storage = "packed" if cluster is not None else "int8"
+    is_chief = cluster is None or cluster["is_chief"]
+    output_dir = args.output_dir
+    if output_dir and not is_chief:
+        # Other workers report (for the consistency check) but leave the
+        # model files, vocabulary and export to the chief.
+        output_dir = os.path.join(
+            output_dir, f"{cluster['task_type']}-{cluster['task_index']}")
     import contextlib
 
     import tensorflow as tf
@@ -234,11 +331,11 @@ def main(argv=None):
                         seed=args.seed, storage=args.storage)
     features, (train, validation, test), info, pipeline = _load_data(
         args, table_kwargs)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        if pipeline is not None:
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        if pipeline is not None and is_chief:
             pipeline.save_vocabulary(
-                os.path.join(args.output_dir, "vocabulary.json"))
+                os.path.join(output_dir, "vocabulary.json"))
     scope = strategy.scope() if strategy else contextlib.nullcontext()
     with scope:
         model = build_ctr_model(features, model=args.model,
@@ -256,6 +353,8 @@ def main(argv=None):
                       metrics=[keras.metrics.AUC(name="auc")])
     callbacks = []
     if args.output_dir:
+        # One backup dir for the whole cluster: tf_keras coordinates the
+        # workers' writes (Keras 3 would need one per worker).
         callbacks.append(keras.callbacks.BackupAndRestore(
             os.path.join(args.output_dir, "backup")))
     if args.embedding != "float32":
@@ -281,6 +380,8 @@ def main(argv=None):
                     for k, v in history.history.items()},
         "epochs_completed": args.epochs,
         "replicas": strategy.num_replicas_in_sync if strategy else 1,
+        "cluster": cluster,
+        "table_digests": table_digests(model),
         "resumed_from_epoch": epochs_run[0] if epochs_run else args.epochs,
         "train_seconds": seconds,
         "bytes": table_bytes(model, optimizer),
@@ -300,7 +401,7 @@ def main(argv=None):
           f"{b['optimizer_state']:,} B  vs  float32 {b['float32_tables']:,}"
           f" B + Adam {b['float32_adam_state']:,} B  "
           f"({ratio:.3f}x)")
-    if args.export_dir:
+    if args.export_dir and is_chief:
         from alpt_keras.export.cli import print_size_report
         from alpt_keras.export.saved_model import (
             export_for_serving,
@@ -319,11 +420,16 @@ def main(argv=None):
         report["export"] = {"path": version_dir,
                             "total_bytes": size["total_bytes"],
                             "tables": size["tables"]}
-    if args.output_dir:
-        model.save_weights(os.path.join(args.output_dir,
-                                        "model.weights.h5"))
-        model.save(os.path.join(args.output_dir, "model.keras"))
-        path = os.path.join(args.output_dir, "report.json")
+    if output_dir:
+        # Every worker saves (reading synchronised metric variables is a
+        # collective); the others write into a scratch dir and drop it.
+        model_dir = output_dir if is_chief else tempfile.mkdtemp(
+            dir=output_dir)
+        model.save_weights(os.path.join(model_dir, "model.weights.h5"))
+        model.save(os.path.join(model_dir, "model.keras"))
+        if not is_chief:
+            shutil.rmtree(model_dir, ignore_errors=True)
+        path = os.path.join(output_dir, "report.json")
         with open(f"{path}.tmp", "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
         os.replace(f"{path}.tmp", path)

@@ -39,6 +39,18 @@ def _crc32(text):
     return zlib.crc32(text.encode("utf-8"))
 
 
+def _multi_worker():
+    """Whether variables are being created for a multi-worker
+    `MultiWorkerMirroredStrategy`."""
+    if not tf.distribute.has_strategy():
+        return False
+    strategy = tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return False
+    tasks = strategy.cluster_resolver.cluster_spec().as_dict()
+    return len(tasks.get("worker", [])) + len(tasks.get("chief", [])) > 1
+
+
 class _StorageConvertingStore:
     """A read-only view of a Keras weights store that converts codes saved
     with the other storage (see `ALPTEmbedding.load_own_variables`)."""
@@ -223,6 +235,13 @@ class ALPTEmbedding(keras.layers.Layer):
     def build(self, input_shape=None):
         if self._table is not None:
             return
+        if self.storage == "int8" and _multi_worker():
+            raise ValueError(
+                f"ALPTEmbedding '{self.name}': MultiWorkerMirroredStrategy "
+                "creates variables with collective broadcasts, which refuse "
+                "int8. Use `storage='packed'` (int32 words). Received: "
+                "storage='int8' under a multi-worker strategy"
+            )
         per_row = self.step_size == "row"
         shape = (self.input_dim, self.output_dim)
         # Eager even when Keras builds inside a scratch graph (symbolic

@@ -118,7 +118,11 @@ class MLP(keras.layers.Layer):
                 width, kernel_initializer=keras.initializers.GlorotUniform(
                     seed=seed + i)))
             if batch_norm:
-                self.stack.append(keras.layers.BatchNormalization())
+                # Synchronized: under Mirrored/MultiWorkerMirrored training
+                # the moments are those of the global batch, as in one
+                # process (the same as plain BatchNorm without a strategy).
+                self.stack.append(keras.layers.BatchNormalization(
+                    synchronized=True))
             self.stack.append(keras.layers.ReLU())
             if dropout:
                 self.stack.append(keras.layers.Dropout(dropout, seed=seed + i))

@@ -1,0 +1,116 @@
+"""Local TF clusters for tests: real processes on 127.0.0.1.
+
+Every process runs in its own session (process group); whatever happens —
+a failing worker, a timeout, a failing assertion in the test — all groups
+are killed before `run_cluster` returns or raises, so no child outlives the
+test.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_ports(count):
+    """Ports that were free a moment ago on 127.0.0.1."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def cluster_spec(**task_counts):
+    """`{"worker": ["127.0.0.1:p", ...], ...}` with fresh ports."""
+    ports = iter(free_ports(sum(task_counts.values())))
+    return {task: [f"127.0.0.1:{next(ports)}" for _ in range(count)]
+            for task, count in task_counts.items()}
+
+
+@dataclasses.dataclass
+class TaskResult:
+    task: str
+    returncode: int
+    log: str
+
+
+def _kill(process):
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
+def run_cluster(spec, argv, log_dir, env=None, timeout=300,
+                daemons=("ps",)):
+    """Runs `argv` once per task of `spec` with its TF_CONFIG.
+
+    Tasks listed in `daemons` (parameter servers) never exit by
+    themselves; they are stopped once every other task has exited.
+    Returns {task name: TaskResult}; raises `TimeoutError` (after killing
+    everything) when the others do not finish within `timeout` seconds.
+    """
+    base_env = dict(os.environ if env is None else env)
+    base_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    base_env["PYTHONUNBUFFERED"] = "1"
+    processes, logs = {}, {}
+    try:
+        for task_type, addresses in spec.items():
+            for index in range(len(addresses)):
+                name = f"{task_type}-{index}"
+                task_env = dict(base_env, TF_CONFIG=json.dumps({
+                    "cluster": spec,
+                    "task": {"type": task_type, "index": index}}))
+                logs[name] = os.path.join(log_dir, f"{name}.log")
+                with open(logs[name], "w") as log:
+                    processes[name] = subprocess.Popen(
+                        [sys.executable] + list(argv), env=task_env,
+                        stdout=log, stderr=subprocess.STDOUT,
+                        start_new_session=True)
+        waited = [n for n in processes if n.split("-")[0] not in daemons]
+        deadline = time.monotonic() + timeout
+        while True:
+            codes = {n: processes[n].poll() for n in waited}
+            if any(c not in (None, 0) for c in codes.values()):
+                break  # one failed: the others would wait forever
+            if all(c == 0 for c in codes.values()):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"cluster tasks still running after {timeout} s: "
+                    f"{[n for n, c in codes.items() if c is None]}; logs: "
+                    f"{_tails(logs)}")
+            time.sleep(0.2)
+    finally:
+        for process in processes.values():
+            _kill(process)
+    return {n: TaskResult(n, processes[n].returncode, _read(logs[n]))
+            for n in processes}
+
+
+def _read(path):
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def _tails(logs):
+    return {n: _read(p)[-1500:] for n, p in logs.items()}
+
+
+def assert_succeeded(results, tasks):
+    for name in tasks:
+        result = results[name]
+        assert result.returncode == 0, (
+            f"{name} exited with {result.returncode}:\n{result.log[-3000:]}")
