@@ -10,6 +10,7 @@ from alpt_keras._keras import IS_KERAS_3
 from alpt_keras.callbacks import ALPTMonitor
 from alpt_keras.embedding import ALPTEmbedding
 from alpt_keras.optimizer import ALPTOptimizer
+from alpt_keras.table import RowPartitioner
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,6 @@ __all__ = [
     "ALPTMonitor",
     "ALPTOptimizer",
     "IS_KERAS_3",
+    "RowPartitioner",
     "quantizers",
 ]

@@ -114,8 +114,10 @@ def cluster_from_env(environ=None):
     """The `TF_CONFIG` cluster this process belongs to, or `None`.
 
     Returns a dict with `task_type`, `task_index`, `num_workers`,
-    `is_chief` (the `chief` task, else worker 0) and `kind`
-    (`"multi_worker"`).
+    `num_ps`, `is_chief` (the `chief` task, else worker 0) and `kind`:
+    `"parameter_server"` when the cluster has `ps` tasks
+    (ParameterServerStrategy: the chief trains, workers and parameter
+    servers serve), else `"multi_worker"` (MultiWorkerMirroredStrategy).
     """
     environ = os.environ if environ is None else environ
     raw = environ.get("TF_CONFIG", "")
@@ -130,24 +132,64 @@ def cluster_from_env(environ=None):
             "alpt-train: TF_CONFIG must be JSON with 'cluster' and 'task' "
             "({'type': ..., 'index': ...}). Received: "
             f"TF_CONFIG={raw!r} ({error})") from None
-    if "ps" in cluster:
+    kind = "parameter_server" if "ps" in cluster else "multi_worker"
+    types = ("chief", "worker", "ps") if kind == "parameter_server" else (
+        "chief", "worker")
+    if task_type not in types or task_type not in cluster:
         raise SystemExit(
-            "alpt-train: a TF_CONFIG with 'ps' tasks asks for "
-            "ParameterServerStrategy, which alpt-train does not run yet; "
-            "see README 'Training on a cluster' for the custom-loop "
-            f"recipe. Received: cluster tasks {sorted(cluster)}")
-    if task_type not in ("chief", "worker") or task_type not in cluster:
+            f"alpt-train: the TF_CONFIG task type must be one of {types} "
+            "and listed in the cluster. Received: task type "
+            f"{task_type!r}, cluster tasks {sorted(cluster)}")
+    if kind == "parameter_server" and "chief" not in cluster:
         raise SystemExit(
-            "alpt-train: the TF_CONFIG task type must be 'chief' or "
-            "'worker' and listed in the cluster. Received: "
-            f"task type {task_type!r}, cluster tasks {sorted(cluster)}")
+            "alpt-train: a ParameterServerStrategy cluster (with 'ps' "
+            "tasks) needs a 'chief' task, which runs the training loop. "
+            f"Received: cluster tasks {sorted(cluster)}")
     num_workers = len(cluster.get("worker", [])) + len(cluster.get("chief",
                                                                    []))
     is_chief = task_type == "chief" or (
         task_type == "worker" and task_index == 0 and "chief" not in cluster)
-    return {"kind": "multi_worker", "task_type": task_type,
+    return {"kind": kind, "task_type": task_type,
             "task_index": task_index, "num_workers": num_workers,
-            "is_chief": is_chief}
+            "num_ps": len(cluster.get("ps", [])), "is_chief": is_chief}
+
+
+def _serve_task(cluster):
+    """Workers and parameter servers of a ParameterServerStrategy cluster
+    only serve: the chief sends them work. Runs until killed."""
+    import tensorflow as tf
+
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    server = tf.distribute.Server(
+        resolver.cluster_spec(), job_name=cluster["task_type"],
+        task_index=cluster["task_index"],
+        protocol=resolver.rpc_layer or "grpc", start=True)
+    print(f"alpt-train: {cluster['task_type']} {cluster['task_index']} "
+          f"serving at {server.target}", flush=True)
+    server.join()
+    return 0
+
+
+def _parameter_server_strategy(args, cluster):
+    from alpt_keras._keras import IS_KERAS_3
+
+    if args.devices != 1:
+        raise SystemExit("alpt-train: --devices applies to one machine. "
+                         f"Received: --devices {args.devices}")
+    if IS_KERAS_3:
+        raise SystemExit(
+            "alpt-train: Keras 3 `model.fit` does not support "
+            "ParameterServerStrategy (keras-team/keras#18624). Run the "
+            "cluster with tf_keras (TF_USE_LEGACY_KERAS=1), or train with "
+            "the ClusterCoordinator custom loop shown in README 'Training "
+            "on a cluster'.")
+    import tensorflow as tf
+
+    from alpt_keras import RowPartitioner
+
+    return tf.distribute.ParameterServerStrategy(
+        tf.distribute.cluster_resolver.TFConfigClusterResolver(),
+        variable_partitioner=RowPartitioner(cluster["num_ps"]))
 
 
 def _multi_worker_strategy(args, cluster):
@@ -178,15 +220,37 @@ def table_digests(model):
     cluster must agree bit for bit)."""
     import hashlib
 
+    import tensorflow as tf
+
     digests = {}
     for layer in model.get_layer("embedding").tables:
         if not hasattr(layer, "codes"):
             continue
         h = hashlib.sha256()
         for variable in (layer.codes, layer.step_sizes):
-            h.update(np.asarray(variable.numpy()).tobytes())
+            # (convert_to_tensor also joins parameter-server shards)
+            h.update(np.asarray(tf.convert_to_tensor(variable)).tobytes())
         digests[layer.name] = h.hexdigest()
     return digests
+
+
+def shard_layout(model, optimizer):
+    """Variable name -> [[device, rows], ...] of every sharded variable
+    (ParameterServerStrategy), for the report."""
+    candidates = [(f"{t.name}/{n}", getattr(t, n))
+                  for t in model.get_layer("embedding").tables
+                  for n in ("codes", "step_sizes", "embeddings")
+                  if hasattr(t, n)]
+    candidates += [(None, v) for v in optimizer.variables]
+    layout = {}
+    for name, variable in candidates:
+        shards = getattr(variable, "variables", None)
+        if type(variable).__name__ != "ShardedVariable" or not shards:
+            continue
+        if name is None:  # "<name>/part_0:0"
+            name = shards[0].name.split(":")[0].rsplit("/part_", 1)[0]
+        layout[name] = [[s.device, int(s.shape[0])] for s in shards]
+    return layout
 
 
 def _setup_devices(devices):
@@ -303,12 +367,19 @@ def main(argv=None):
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     _check(args)
     cluster = cluster_from_env()
-    if cluster is not None:
+    parameter_server = cluster is not None and \
+        cluster["kind"] == "parameter_server"
+    if parameter_server and cluster["task_type"] != "chief":
+        return _serve_task(cluster)
+    if parameter_server:
+        strategy = _parameter_server_strategy(args, cluster)
+    elif cluster is not None:
         strategy = _multi_worker_strategy(args, cluster)
     else:
         strategy = _setup_devices(args.devices)
     if args.storage == "auto":
-        args.storage = "packed" if cluster is not None else "int8"
+        multi_worker = cluster is not None and not parameter_server
+        args.storage = "packed" if multi_worker else "int8"
     is_chief = cluster is None or cluster["is_chief"]
     output_dir = args.output_dir
     if output_dir and not is_chief:
@@ -336,8 +407,7 @@ def main(argv=None):
         if pipeline is not None and is_chief:
             pipeline.save_vocabulary(
                 os.path.join(output_dir, "vocabulary.json"))
-    scope = strategy.scope() if strategy else contextlib.nullcontext()
-    with scope:
+    def build_and_compile():
         model = build_ctr_model(features, model=args.model,
                                 hidden_units=args.hidden_units,
                                 seed=args.seed)
@@ -351,8 +421,14 @@ def main(argv=None):
                 step_size_learning_rate=args.step_size_learning_rate)
         model.compile(optimizer=optimizer, loss="binary_crossentropy",
                       metrics=[keras.metrics.AUC(name="auc")])
+        return model, optimizer
+
+    scope = strategy.scope() if strategy else contextlib.nullcontext()
+    with scope:
+        model, optimizer = build_and_compile()
     callbacks = []
-    if args.output_dir:
+    if args.output_dir and not parameter_server:
+        # (tf_keras refuses BackupAndRestore under ParameterServerStrategy.)
         # One backup dir for the whole cluster: tf_keras coordinates the
         # workers' writes (Keras 3 would need one per worker).
         callbacks.append(keras.callbacks.BackupAndRestore(
@@ -367,9 +443,33 @@ def main(argv=None):
     start = time.perf_counter()
     # Data order is fixed (no shuffling), so a resumed run repeats exactly
     # the batches an uninterrupted one would see.
-    history = model.fit(train, validation_data=validation, epochs=args.epochs,
-                        callbacks=callbacks, verbose=verbose, shuffle=False)
+    fit_args = dict(validation_data=validation)
+    if parameter_server:
+        # Workers pull batches from their own copy of the repeated data set;
+        # an epoch is a number of steps. (No validation pass under PSS.)
+        steps = int(train.cardinality())
+        if steps < 0:
+            steps = sum(1 for _ in train)
+        train, fit_args = train.repeat(), dict(steps_per_epoch=steps)
+    history = model.fit(train, epochs=args.epochs, callbacks=callbacks,
+                        verbose=verbose, shuffle=False, **fit_args)
     seconds = time.perf_counter() - start
+    trained = model
+    if parameter_server:
+        # The full training state (sharded tables, optimizer) as a TF
+        # checkpoint, which restores onto any number of shards: here onto
+        # one local copy that evaluates, saves and exports like a
+        # single-process model.
+        checkpoint_dir = os.path.join(output_dir, "checkpoint") if \
+            output_dir else tempfile.mkdtemp()
+        path = tf.train.Checkpoint(model=model, optimizer=optimizer).save(
+            os.path.join(checkpoint_dir, "ckpt"))
+        model, local_optimizer = build_and_compile()
+        local_optimizer.build(model.trainable_variables)
+        tf.train.Checkpoint(model=model, optimizer=local_optimizer).restore(
+            path).assert_existing_objects_matched()
+        if not output_dir:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
     loss, auc = model.evaluate(test, verbose=0)
     epochs_run = list(history.epoch)
     report = {
@@ -381,7 +481,9 @@ def main(argv=None):
         "epochs_completed": args.epochs,
         "replicas": strategy.num_replicas_in_sync if strategy else 1,
         "cluster": cluster,
-        "table_digests": table_digests(model),
+        "table_digests": table_digests(trained),
+        "shards": shard_layout(trained, optimizer) if parameter_server
+        else {},
         "resumed_from_epoch": epochs_run[0] if epochs_run else args.epochs,
         "train_seconds": seconds,
         "bytes": table_bytes(model, optimizer),

@@ -14,6 +14,7 @@ from alpt_keras.table import (
     PackedStorage,
     TableState,
     pack_codes,
+    row_variables,
     unpack_codes,
     words_per_row,
 )
@@ -267,24 +268,27 @@ class ALPTEmbedding(keras.layers.Layer):
         else:
             codes0 = tf.cast(codes0, tf.int8)
         # Keep this order stable: checkpoints store layer weights by position.
-        self.codes = self.add_weight(
-            name="codes",
-            shape=tuple(codes0.shape),
-            dtype=codes0.dtype.name,
-            initializer=lambda shape, dtype=None: codes0,
-            trainable=False,
-            aggregation=_keras.weight_aggregation(),
-            **extra,
-        )
-        self.step_sizes = self.add_weight(
-            name="step_sizes",
-            shape=(self.input_dim if per_row else 1, 1),
-            dtype="float32",
-            initializer=lambda shape, dtype=None: step0,
-            trainable=False,
-            aggregation=_keras.weight_aggregation(),
-            **extra,
-        )
+        # Row-indexed variables are marked for `RowPartitioner` (sharding
+        # over parameter servers); the carrier never is.
+        with row_variables(self.input_dim):
+            self.codes = self.add_weight(
+                name="codes",
+                shape=tuple(codes0.shape),
+                dtype=codes0.dtype.name,
+                initializer=lambda shape, dtype=None: codes0,
+                trainable=False,
+                aggregation=_keras.weight_aggregation(),
+                **extra,
+            )
+            self.step_sizes = self.add_weight(
+                name="step_sizes",
+                shape=(self.input_dim if per_row else 1, 1),
+                dtype="float32",
+                initializer=lambda shape, dtype=None: step0,
+                trainable=False,
+                aggregation=_keras.weight_aggregation(),
+                **extra,
+            )
         # A one-element trainable variable through which the row gradient
         # travels, as `tf.IndexedSlices`, to `ALPTOptimizer` (an integer
         # variable never receives a gradient from the tape).

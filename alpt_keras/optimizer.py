@@ -1,12 +1,13 @@
 """`ALPTOptimizer`: wraps a Keras optimizer and owns every ALPT table update."""
 
+import collections
 import copy
 import functools
 
 import tensorflow as tf
 
 from alpt_keras import _keras, quantizers
-from alpt_keras.table import find_table, register_optimizer
+from alpt_keras.table import find_table, register_optimizer, row_variables
 
 keras = _keras.keras
 
@@ -60,6 +61,29 @@ def _check_float(name, value, minimum=0.0, allow_none=False, inclusive=False):
             f"Received: {name}={value!r}"
         )
     return value
+
+
+class _Sum(collections.namedtuple("_Sum", ["value", "increment"])):
+    """New optimizer state `value = old + increment`, written as a
+    `scatter_add` of the increment: bitwise the same as writing `value`,
+    and no increment is lost when asynchronous parameter-server workers
+    update the same rows at once."""
+
+
+def _write_state(variable, ids, new, old, finite, per_row):
+    """Writes one state slot for rows `ids` (or the whole `[1, 1]` slot of
+    a per-table Δ); a non-finite step leaves it bitwise unchanged."""
+    variable = _keras.tf_variable(variable)
+    if isinstance(new, _Sum):
+        increment = tf.where(finite, new.increment,
+                             tf.zeros_like(new.increment))
+        if per_row:
+            return variable.scatter_add(tf.IndexedSlices(increment, ids))
+        return variable.assign_add(increment)
+    kept = tf.where(finite, new, old)
+    if per_row:
+        return variable.scatter_update(tf.IndexedSlices(kept, ids))
+    return variable.assign(kept)
 
 
 class _VariableList(list):
@@ -309,42 +333,48 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
         )
         init_acc = keras.initializers.Constant(self.initial_accumulator_value)
         for table in tables:
-            rows, width = table.input_dim, table.output_dim
-            prefix = table.name
-            slots = {}
-            if self.embedding_optimizer == "rowwise_adagrad":
-                slots["accumulator"] = add(
-                    (rows, 1), "float32", f"{prefix}_accumulator", init_acc
-                )
-            elif self.embedding_optimizer == "adagrad":
-                slots["accumulator"] = add(
-                    (rows, width), "float32", f"{prefix}_accumulator", init_acc
-                )
-            elif self.embedding_optimizer == "lazy_adam":
-                slots["m"] = add((rows, width), "float32", f"{prefix}_m")
-                slots["v"] = add((rows, width), "float32", f"{prefix}_v")
-            if table.learn_step_size:
-                step_rows = rows if table.per_row else 1
-                if self.step_size_optimizer == "adam":
-                    slots["step_m"] = add(
-                        (step_rows, 1), "float32", f"{prefix}_step_size_m"
-                    )
-                    slots["step_v"] = add(
-                        (step_rows, 1), "float32", f"{prefix}_step_size_v"
-                    )
-                elif self.step_size_optimizer in ("adagrad", "rowwise"):
-                    slots["step_accumulator"] = add(
-                        (step_rows, 1),
-                        "float32",
-                        f"{prefix}_step_size_accumulator",
-                        init_acc,
-                    )
+            with row_variables(table.input_dim):  # for RowPartitioner
+                slots = self._build_table_slots(table, add, init_acc)
             table.claim(self)
             self._tables.append(table)
             self._slots.append(slots)
         self._alpt_built = True
         if not _keras.IS_KERAS_3:
             self._built = True
+
+    def _build_table_slots(self, table, add, init_acc):
+        """Creates the optimizer state of one table."""
+        rows, width = table.input_dim, table.output_dim
+        prefix = table.name
+        slots = {}
+        if self.embedding_optimizer == "rowwise_adagrad":
+            slots["accumulator"] = add(
+                (rows, 1), "float32", f"{prefix}_accumulator", init_acc
+            )
+        elif self.embedding_optimizer == "adagrad":
+            slots["accumulator"] = add(
+                (rows, width), "float32", f"{prefix}_accumulator", init_acc
+            )
+        elif self.embedding_optimizer == "lazy_adam":
+            slots["m"] = add((rows, width), "float32", f"{prefix}_m")
+            slots["v"] = add((rows, width), "float32", f"{prefix}_v")
+        if table.learn_step_size:
+            step_rows = rows if table.per_row else 1
+            if self.step_size_optimizer == "adam":
+                slots["step_m"] = add(
+                    (step_rows, 1), "float32", f"{prefix}_step_size_m"
+                )
+                slots["step_v"] = add(
+                    (step_rows, 1), "float32", f"{prefix}_step_size_v"
+                )
+            elif self.step_size_optimizer in ("adagrad", "rowwise"):
+                slots["step_accumulator"] = add(
+                    (step_rows, 1),
+                    "float32",
+                    f"{prefix}_step_size_accumulator",
+                    init_acc,
+                )
+        return slots
 
     # ------------------------------------------------------------- apply
     def apply_gradients(self, grads_and_vars, *args, **kwargs):
@@ -553,13 +583,8 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
             table.storage.write_rows(ids, tf.where(finite, new_codes, codes))
         ]
         for name, value in new_state.items():
-            writes.append(
-                _keras.tf_variable(slots[name]).scatter_update(
-                    tf.IndexedSlices(
-                        tf.where(finite, value, old_state[name]), ids
-                    )
-                )
-            )
+            writes.append(_write_state(
+                slots[name], ids, value, old_state[name], finite, True))
         if table.learn_step_size:
             writes.append(
                 table.write_step_sizes(
@@ -567,14 +592,9 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
                 )
             )
             for name, value in new_step_state.items():
-                kept = tf.where(finite, value, old_step_state[name])
-                variable = _keras.tf_variable(slots[name])
-                if table.per_row:
-                    writes.append(
-                        variable.scatter_update(tf.IndexedSlices(kept, ids))
-                    )
-                else:
-                    writes.append(variable.assign(kept))
+                writes.append(_write_state(
+                    slots[name], ids, value, old_step_state[name], finite,
+                    table.per_row))
         return writes
 
     def _embedding_lr(self):
@@ -594,17 +614,13 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
         kind = self.embedding_optimizer
         if kind == "sgd":
             return w - lr * g, {}
-        if kind == "rowwise_adagrad":
-            acc = state["accumulator"] + tf.reduce_mean(
-                tf.square(g), axis=-1, keepdims=True
-            )  # (U, 1)
+        if kind in ("rowwise_adagrad", "adagrad"):
+            increment = tf.square(g)
+            if kind == "rowwise_adagrad":
+                increment = tf.reduce_mean(increment, axis=-1, keepdims=True)
+            acc = state["accumulator"] + increment
             return w - lr * g / (tf.sqrt(acc) + self.epsilon), {
-                "accumulator": acc
-            }
-        if kind == "adagrad":
-            acc = state["accumulator"] + tf.square(g)
-            return w - lr * g / (tf.sqrt(acc) + self.epsilon), {
-                "accumulator": acc
+                "accumulator": _Sum(acc, increment)
             }
         m, v = self._adam_moments(state["m"], state["v"], g)
         return w - lr * self._adam_direction(m, v, t, self.epsilon), {
@@ -630,12 +646,14 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
             direction = g / (tf.sqrt(acc) + self.step_size_epsilon)
             # Relative: `lr` is a fraction of Δ, free of init scale and bits.
             return step_size * (1.0 - lr * direction), {
-                "step_accumulator": acc
+                "step_accumulator": _Sum(acc, mean_square)
             }
         if kind == "adagrad":
             acc = state["step_accumulator"] + tf.square(g)
             direction = g / (tf.sqrt(acc) + self.step_size_epsilon)
-            return step_size - lr * direction, {"step_accumulator": acc}
+            return step_size - lr * direction, {
+                "step_accumulator": _Sum(acc, tf.square(g))
+            }
         m, v = self._adam_moments(state["step_m"], state["step_v"], g)
         direction = self._adam_direction(m, v, t, self.step_size_epsilon)
         return step_size - lr * direction, {"step_m": m, "step_v": v}

@@ -114,3 +114,27 @@ def assert_succeeded(results, tasks):
         result = results[name]
         assert result.returncode == 0, (
             f"{name} exited with {result.returncode}:\n{result.log[-3000:]}")
+
+
+def in_process_cluster(num_workers, num_ps):
+    """Worker and parameter-server `tf.distribute.Server`s inside this
+    process (TF's in-process pattern); returns a cluster resolver for
+    `ParameterServerStrategy`. The servers live until the process exits:
+    create one cluster per process.
+    """
+    import tensorflow as tf
+
+    spec = cluster_spec(worker=num_workers, ps=num_ps)
+    cluster = tf.train.ClusterSpec(spec)
+    config = tf.compat.v1.ConfigProto()
+    # Each in-process worker needs its own inter-op thread beyond the
+    # coordinator's; with the default (= cores) a 2-core machine deadlocks.
+    config.inter_op_parallelism_threads = num_workers + 1
+    for i in range(num_workers):
+        tf.distribute.Server(cluster, job_name="worker", task_index=i,
+                             config=config, protocol="grpc")
+    for i in range(num_ps):
+        tf.distribute.Server(cluster, job_name="ps", task_index=i,
+                             protocol="grpc")
+    return tf.distribute.cluster_resolver.SimpleClusterResolver(
+        cluster, rpc_layer="grpc")

@@ -127,15 +127,18 @@ def test_keras3_multi_worker_fit_canary(tmp_path):
 
 
 @pytest.mark.skipif(not IS_KERAS_3, reason="Keras 3 message")
-def test_alpt_train_in_a_keras3_cluster_says_what_to_do(tmp_path):
-    spec = cluster_spec(worker=2)
+@pytest.mark.parametrize("tasks, chief, issue", [
+    (dict(worker=2), "worker", "keras-team/keras#20585"),
+    (dict(chief=1, worker=1, ps=1), "chief", "keras-team/keras#18624")])
+def test_alpt_train_in_a_keras3_cluster_says_what_to_do(tasks, chief, issue):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
-        {"cluster": spec, "task": {"type": "worker", "index": 0}}))
+        {"cluster": cluster_spec(**tasks),
+         "task": {"type": chief, "index": 0}}))
     proc = subprocess.run([sys.executable] + ARGS, env=env, timeout=120,
                           capture_output=True, text=True)
     assert proc.returncode != 0
     assert "TF_USE_LEGACY_KERAS=1" in proc.stderr
-    assert "keras-team/keras#20585" in proc.stderr
+    assert issue in proc.stderr
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -161,3 +164,11 @@ def test_tf_config_roles():
     role = cluster_from_env({"TF_CONFIG": json.dumps(
         {"cluster": with_chief, "task": {"type": "worker", "index": 0}})})
     assert not role["is_chief"] and role["num_workers"] == 2
+    ps = {"chief": ["c:0"], "worker": ["a:1"], "ps": ["p:2", "p:3"]}
+    role = cluster_from_env({"TF_CONFIG": json.dumps(
+        {"cluster": ps, "task": {"type": "ps", "index": 1}})})
+    assert role["kind"] == "parameter_server" and role["num_ps"] == 2
+    with pytest.raises(SystemExit, match="needs a 'chief'"):
+        cluster_from_env({"TF_CONFIG": json.dumps(
+            {"cluster": {"worker": ["a:1"], "ps": ["p:2"]},
+             "task": {"type": "worker", "index": 0}})})
