@@ -521,13 +521,19 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
         with tf.control_dependencies(writes):
             applied = tf.cast(finite, tf.int64)
             ops = [
-                self._table_iterations.assign_add(applied),
-                self._skipped_table_updates.assign_add(1 - applied),
+                # On the TF variables: an atomic AssignAddVariableOp, which
+                # loses no step when parameter-server workers add at once
+                # (Keras 3's own `assign_add` is a read-modify-write).
+                _keras.tf_variable(self._table_iterations).assign_add(
+                    applied),
+                _keras.tf_variable(self._skipped_table_updates).assign_add(
+                    1 - applied),
             ]
             if count_step:
                 # No dense variable: the inner optimizer did not step, but
                 # `iterations` still counts training steps (callbacks use it).
-                ops.append(self.inner_optimizer.iterations.assign_add(1))
+                ops.append(_keras.tf_variable(
+                    self.inner_optimizer.iterations).assign_add(1))
         return tf.group(ops)
 
     def _update_one_table(self, table, slots, ids, grads, step, finite):

@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from alpt_keras import IS_KERAS_3, ALPTOptimizer, RowPartitioner
+from alpt_keras import (
+    IS_KERAS_3,
+    ALPTEmbedding,
+    ALPTOptimizer,
+    RowPartitioner,
+)
 from alpt_keras._keras import keras
 from alpt_keras.models.dnn import build_dnn
 from alpt_keras.models.synthetic import make_synthetic_ctr
@@ -229,3 +234,67 @@ def test_alpt_train_on_a_parameter_server_cluster(tmp_path):
         report["metrics"]["test_auc"], float_auc)
     assert os.path.exists(os.path.join(report["export"]["path"],
                                        "saved_model.pb"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not IS_KERAS_3, reason="the Keras 3 recipe; tf_keras "
+                    "uses model.fit (tested above)")
+def test_keras3_custom_loop_recipe(resolver, data):
+    """README 'Training on a cluster', Keras 3: TF's ClusterCoordinator
+    custom loop (Keras 3 `model.fit` refuses ParameterServerStrategy)."""
+    train, test = data
+    strategy = tf.distribute.ParameterServerStrategy(
+        resolver, variable_partitioner=RowPartitioner(2))
+    coordinator = tf.distribute.coordinator.ClusterCoordinator(strategy)
+    with strategy.scope():
+        ids = keras.Input((FIELDS,), dtype="int64")
+        rows = ALPTEmbedding(VOCAB, 16, seed=0, name="embedding")(ids)
+        hidden = keras.layers.Dense(32, activation="relu")(
+            keras.layers.Flatten()(rows))
+        model = keras.Model(
+            ids, keras.layers.Dense(1, activation="sigmoid")(hidden))
+        optimizer = ALPTOptimizer(keras.optimizers.Adam(5e-3))
+        optimizer.build(model.trainable_variables)
+    loss_fn = keras.losses.BinaryCrossentropy()
+
+    def dataset_fn():
+        return tf.data.Dataset.from_tensor_slices(
+            (train.ids, train.labels)).shuffle(10_000).repeat().batch(BATCH)
+
+    iterator = iter(coordinator.create_per_worker_dataset(dataset_fn))
+
+    @tf.function
+    def train_step(iterator):
+        def step(features, labels):
+            with tf.GradientTape() as tape:
+                loss = loss_fn(labels[:, None],
+                               model(features, training=True))
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply(grads, model.trainable_variables)
+            return loss
+
+        return strategy.run(step, args=next(iterator))
+
+    steps = EPOCHS * (len(train.labels) // BATCH)
+    for _ in range(steps):
+        coordinator.schedule(train_step, args=(iterator,))
+    coordinator.join()
+
+    layer = model.get_layer("embedding")
+    codes = layer.codes.value
+    assert type(codes).__name__ == "ShardedVariable"
+    assert [s.shape[0] for s in codes.variables] == [151, 150]
+    assert int(optimizer.table_iterations.numpy()) == steps  # none lost
+    # Unsorted ids with duplicates read the right rows of the shards.
+    probe = np.array([[300, 0, 151, 150], [7, 300, 149, 152]])
+    full = _full(codes).astype(np.float32) * _full(layer.step_sizes.value)
+    np.testing.assert_array_equal(layer(probe, training=False).numpy(),
+                                  full[probe])
+    auc = keras.metrics.AUC()
+    auc.update_state(test.labels, model(test.ids, training=False))
+    float_model, _ = _model("float32")
+    float_model.fit(train.ids, train.labels, batch_size=BATCH,
+                    epochs=EPOCHS, verbose=0)
+    float_auc = _auc(float_model, test)
+    assert float_auc >= FLOAT32_AUC_FLOOR, float_auc
+    assert float(auc.result()) >= float_auc - 0.03, (auc.result(), float_auc)
