@@ -262,11 +262,11 @@ class ALPTEmbedding(keras.layers.Layer):
                 quantizers.INIT_STEP,
                 self.rounding,
             )
+            if self.storage == "packed":
+                codes0 = pack_codes(codes0, self.num_bits)
+            else:
+                codes0 = tf.cast(codes0, tf.int8)
         extra = {"autocast": False} if _keras.IS_KERAS_3 else {}
-        if self.storage == "packed":
-            codes0 = pack_codes(codes0, self.num_bits)
-        else:
-            codes0 = tf.cast(codes0, tf.int8)
         # Keep this order stable: checkpoints store layer weights by position.
         # Row-indexed variables are marked for `RowPartitioner` (sharding
         # over parameter servers); the carrier never is.
