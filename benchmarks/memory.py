@@ -3,8 +3,8 @@
 One table of V rows x 16 (V = 2^22 by default, issue 6), trained for a few
 steps on 4096 x 26 zipf(1.2) ids. Each setup runs in its own process, so
 its peak RSS is its own:
-- `bytes`: the table (codes + Δ, or float32 weights) plus its optimizer
-  state, summed from the variables;
+- `bytes`: the table (codes + Δ, or float32 weights) plus its row-indexed
+  optimizer state, summed from the variables;
 - `peak_rss` / `rss_growth`: the process peak (ru_maxrss), and the peak
   minus the RSS after importing TensorFlow (what the setup itself costs,
   including transient copies while building and training).
@@ -90,13 +90,10 @@ def child(name, rows, steps):
 
     table = sum(nbytes(v) for v in layer.weights
                 if find_table(v) is None)  # not the 4-byte carrier
-    if setup is None:
-        state = sum(nbytes(v) for v in optimizer.variables
-                    if tuple(v.shape) == (rows, DIM))
-    else:
-        inner = {id(v) for v in optimizer.inner_optimizer.variables}
-        state = sum(nbytes(v) for v in optimizer.variables
-                    if id(v) not in inner)
+    # Row-indexed state only (moments, accumulators): the few scalar
+    # counters differ between Keras flavours and do not scale.
+    state = sum(nbytes(v) for v in optimizer.variables
+                if len(v.shape) and v.shape[0] == rows)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"setup": name, "table_bytes": table,
                       "state_bytes": state, "bytes": table + state,
