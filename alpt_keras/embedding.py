@@ -22,6 +22,7 @@ from alpt_keras.table import (
 keras = _keras.keras
 
 SUPPORTED_COMBINERS = (None, "sum", "mean", "sqrtn")
+_INIT_BLOCK_ROWS = 1 << 16  # rows quantized at once when building
 
 
 def _check_positive_int(name, value):
@@ -255,17 +256,7 @@ class ALPTEmbedding(keras.layers.Layer):
                 w0, self.num_bits, per_row=per_row,
                 minimum=self.min_step_size
             )
-            codes0 = self._quantize_rows(
-                w0,
-                step0,
-                tf.range(self.input_dim, dtype=tf.int64),
-                quantizers.INIT_STEP,
-                self.rounding,
-            )
-            if self.storage == "packed":
-                codes0 = pack_codes(codes0, self.num_bits)
-            else:
-                codes0 = tf.cast(codes0, tf.int8)
+            codes0 = self._quantize_table(w0, step0, self.rounding)
         extra = {"autocast": False} if _keras.IS_KERAS_3 else {}
         # Keep this order stable: checkpoints store layer weights by position.
         # Row-indexed variables are marked for `RowPartitioner` (sharding
@@ -319,6 +310,27 @@ class ALPTEmbedding(keras.layers.Layer):
         )
         setattr(self.gradient_carrier, TAG_ATTRIBUTE, self._table)
         self.built = True
+
+    def _quantize_table(self, table, step, rounding):
+        """Stored codes (int8 or packed) of a whole float table, in blocks
+        of rows: the int64 noise and float temporaries of one block, not of
+        the table, bound the peak memory (a 2^22 x 16 table would otherwise
+        need GBs of transients). Bitwise the same as one pass: every code
+        depends only on its own weight, Δ and (row, column) noise."""
+        parts = []
+        for start in range(0, self.input_dim, _INIT_BLOCK_ROWS):
+            stop = min(start + _INIT_BLOCK_ROWS, self.input_dim)
+            block_step = step[start:stop] if self.step_size == "row" \
+                else step
+            codes = self._quantize_rows(
+                table[start:stop], block_step,
+                tf.range(start, stop, dtype=tf.int64),
+                quantizers.INIT_STEP, rounding)
+            if self.storage == "packed":
+                parts.append(pack_codes(codes, self.num_bits))
+            else:
+                parts.append(tf.cast(codes, tf.int8))
+        return tf.concat(parts, axis=0)
 
     def _quantize_rows(self, w, step, row_ids, noise_step, rounding):
         noise = None
@@ -493,15 +505,9 @@ class ALPTEmbedding(keras.layers.Layer):
             per_row=self.step_size == "row",
             minimum=self.min_step_size,
         )
-        codes = self._quantize_rows(
-            table,
-            step,
-            tf.range(self.input_dim, dtype=tf.int64),
-            quantizers.INIT_STEP,
-            rounding,
-        )
+        codes = self._quantize_table(tf.constant(table), step, rounding)
         self.step_sizes.assign(step)
-        self._table.storage.write_all(codes)
+        self.codes.assign(codes)
 
     @classmethod
     def from_embedding(cls, embedding, **kwargs):

@@ -58,9 +58,6 @@ class Int8Storage:
     def read_all(self):
         return tf.cast(tf.convert_to_tensor(self.variable), tf.int32)
 
-    def write_all(self, codes):
-        self.variable.assign(tf.cast(codes, self.dtype))
-
 
 # ----------------------------------------------------------------- packing
 # Word type of packed storage: int32.
@@ -183,9 +180,6 @@ class PackedStorage:
     def read_all(self):
         return unpack_codes(tf.convert_to_tensor(self.variable),
                             self.num_bits, self.output_dim)
-
-    def write_all(self, codes):
-        self.variable.assign(pack_codes(codes, self.num_bits))
 
 
 # ---------------------------------------------------------------- sharding

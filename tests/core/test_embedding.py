@@ -156,14 +156,21 @@ def test_bad_constructor_values_are_quoted(kwargs, message):
     assert message in str(info.value)
 
 
-def test_initial_codes_follow_lsq_and_the_hashed_noise():
+@pytest.mark.parametrize("block_rows", [1 << 16, 7])  # 7: 5 blocks
+@pytest.mark.parametrize("step_size", ["row", "table"])
+def test_initial_codes_follow_lsq_and_the_hashed_noise(
+        monkeypatch, block_rows, step_size):
+    from alpt_keras import embedding
+
+    monkeypatch.setattr(embedding, "_INIT_BLOCK_ROWS", block_rows)
     init = keras.initializers.Constant(
         np.linspace(-0.01, 0.01, V * D).reshape(V, D))
     layer = ALPTEmbedding(V, D, num_bits=4, embeddings_initializer=init,
-                          seed=5, name="t")
+                          seed=5, name="t", step_size=step_size)
     layer.build(None)
     w0 = np.linspace(-0.01, 0.01, V * D).reshape(V, D).astype(np.float32)
-    step = 2 * np.abs(w0).mean(1, keepdims=True) / np.sqrt(7)
+    axis = (1 if step_size == "row" else None)
+    step = 2 * np.abs(w0).mean(axis, keepdims=True) / np.sqrt(7)
     np.testing.assert_allclose(value(layer.step_sizes), step, rtol=1e-6)
     noise = ref.hash_uniform(5, layer.noise_salt, 0xFFFFFFFF, np.arange(V), D)
     expected = ref.quantize(w0, value(layer.step_sizes), 4, "stochastic",
