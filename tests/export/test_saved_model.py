@@ -24,12 +24,12 @@ HERE = os.path.dirname(__file__)
 # Every op our exports use, all shipped by TensorFlow Serving 2.11 (and
 # later). An op outside this set would make older servers refuse the model.
 ALLOWED_OPS = frozenset({
-    "AddV2", "Any", "Assert", "AssignVariableOp", "BatchMatMulV2", "BiasAdd",
-    "BitwiseAnd", "BroadcastTo", "Cast", "ConcatV2", "Const", "Cumsum",
-    "EnsureShape", "ExpandDims", "GatherNd", "GatherV2", "GreaterEqual",
-    "Identity", "If", "Less", "LogicalNot", "LogicalOr", "MatMul",
-    "MatrixBandPart", "Max", "Maximum", "MergeV2Checkpoints", "Mul", "NoOp",
-    "NotEqual", "OnesLike", "Pack", "Placeholder", "Prod", "Range",
+    "AddV2", "All", "Any", "Assert", "AssignVariableOp", "BatchMatMulV2",
+    "BiasAdd", "BitwiseAnd", "BroadcastTo", "Cast", "ConcatV2", "Const",
+    "Cumsum", "EnsureShape", "ExpandDims", "GatherNd", "GatherV2",
+    "GreaterEqual", "Identity", "If", "Less", "LogicalNot", "LogicalOr",
+    "MatMul", "MatrixBandPart", "Max", "Maximum", "MergeV2Checkpoints", "Mul",
+    "NoOp", "NotEqual", "OnesLike", "Pack", "Placeholder", "Prod", "Range",
     "ReadVariableOp", "RealDiv", "Relu", "Reshape", "ResourceGather",
     "RestoreV2", "RightShift", "Rsqrt", "SaveV2", "Select", "SelectV2",
     "Shape", "ShardedFilename", "Sigmoid", "Square", "Squeeze",
