@@ -7,6 +7,8 @@ forward + backward + update of the embedding alone (loss = Σ rows · c).
 Setups, all in the same process so their ratios are comparable:
 - `alpt`: `ALPTEmbedding` (8-bit, per-row Δ) + `ALPTOptimizer` defaults
   (row-wise Adagrad rows, row-wise Δ rule, stochastic rounding);
+- `alpt_packed`, `alpt4_packed`: the same with `storage="packed"` (8-bit
+  and 4-bit codes bit-packed into int32 words);
 - `float32_sgd`: `keras.layers.Embedding` + Keras SGD (row-sparse on
   Keras 3);
 - `float32_adam`: `keras.layers.Embedding` + Keras Adam (dense `[V, D]`
@@ -31,9 +33,15 @@ from alpt_keras import ALPTEmbedding, ALPTOptimizer, _keras
 keras = _keras.keras
 
 
+# ALPT setups: name -> ALPTEmbedding arguments.
+ALPT_SETUPS = {"alpt": {}, "alpt_packed": {"storage": "packed"},
+               "alpt4_packed": {"storage": "packed", "num_bits": 4}}
+
+
 def _setup(name, rows, dim):
-    if name == "alpt":
-        layer = ALPTEmbedding(rows, dim, seed=0, name="table")
+    if name in ALPT_SETUPS:
+        layer = ALPTEmbedding(rows, dim, seed=0, name="table",
+                              **ALPT_SETUPS[name])
         optimizer = ALPTOptimizer(keras.optimizers.SGD())
     else:
         layer = keras.layers.Embedding(rows, dim, name="table")
@@ -42,14 +50,16 @@ def _setup(name, rows, dim):
     return layer, optimizer
 
 
-def measure(name, ids, rows, dim, steps, warmup):
+def make_step(name, ids, rows, dim):
+    """A compiled training step of setup `name` (built and warmed up by
+    the caller)."""
     layer, optimizer = _setup(name, rows, dim)
     layer(ids[:1])  # build
     optimizer.build(layer.trainable_variables)
     upstream = tf.constant(np.random.default_rng(1).normal(
         0, 1e-4, size=(*ids.shape, dim)).astype(np.float32))
     ids = tf.constant(ids)
-    kwargs = {"training": True} if name == "alpt" else {}
+    kwargs = {"training": True} if name in ALPT_SETUPS else {}
 
     @tf.function
     def step():
@@ -60,18 +70,33 @@ def measure(name, ids, rows, dim, steps, warmup):
                                       strict=True))
         return loss
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step().numpy()  # wait for the step to finish
-        times.append(time.perf_counter() - start)
-    median = float(np.median(times))
-    return {"setup": name, "median_step_seconds": median,
+    return step
+
+
+def measure_all(names, ids, rows, dim, steps, warmup, rounds):
+    """Median step time of every setup. The setups take turns, `steps`
+    steps per turn for `rounds` rounds, so drifting machine load hits all
+    of them alike."""
+    steps_fn = {name: make_step(name, ids, rows, dim) for name in names}
+    for step in steps_fn.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, step in steps_fn.items():
+            for _ in range(steps):
+                start = time.perf_counter()
+                step().numpy()  # wait for the step to finish
+                times[name].append(time.perf_counter() - start)
+    results = []
+    for name in names:
+        median = float(np.median(times[name]))
+        results.append({
+            "setup": name, "median_step_seconds": median,
             "examples_per_second": ids.shape[0] / median,
             "ids_per_second": int(np.prod(ids.shape)) / median,
-            "steps": steps}
+            "steps": steps * rounds})
+    return results
 
 
 def main():
@@ -80,27 +105,32 @@ def main():
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--features", type=int, default=26)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=5,
+                        help="steps per setup per round")
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--setups", nargs="+",
-                        default=["alpt", "float32_sgd", "float32_adam"])
+                        default=["alpt", "alpt_packed", "alpt4_packed",
+                                 "float32_sgd", "float32_adam"])
     parser.add_argument("--output", default=default_output("embedding_step"))
     parser.add_argument("--tiny", action="store_true",
                         help="seconds-long smoke run (CI)")
     args = parser.parse_args()
     if args.tiny:
         args.rows, args.batch, args.steps, args.warmup = 2**12, 256, 3, 1
+        args.rounds = 1
     ids = np.random.default_rng(0).zipf(
         1.2, size=(args.batch, args.features)) % args.rows
-    results = [measure(name, ids, args.rows, args.dim, args.steps,
-                       args.warmup) for name in args.setups]
+    results = measure_all(args.setups, ids, args.rows, args.dim, args.steps,
+                          args.warmup, args.rounds)
     float32 = [r for r in results if r["setup"].startswith("float32")]
     fastest = max(float32, key=lambda r: r["examples_per_second"],
                   default=None)
     print(f"V={args.rows} D={args.dim} batch={args.batch}x{args.features} "
           f"({len(np.unique(ids))} unique ids/step), "
           f"{'Keras 3' if _keras.IS_KERAS_3 else 'tf_keras'}, "
-          f"median of {args.steps} steps")
+          f"median of {args.steps * args.rounds} steps, setups "
+          f"interleaved ({args.rounds} rounds of {args.steps})")
     print(f"{'setup':<16}{'examples/s':>14}{'ms/step':>10}"
           f"{'vs fastest float32':>20}")
     for r in results:

@@ -151,6 +151,8 @@ def test_sharded_training_lookups_and_checkpoints(resolver, data, tmp_path):
     alpt_model.fit(train.ids, train.labels, batch_size=BATCH, epochs=EPOCHS,
                    verbose=0)
     alpt_auc, pss_auc = _auc(alpt_model, test), _auc(single, test)
+    print(f"test AUC: float32 {float_auc:.4f}, ALPT one process "
+          f"{alpt_auc:.4f}, ALPT over 2 parameter servers {pss_auc:.4f}")
     assert abs(alpt_auc - float_auc) <= 0.03, (alpt_auc, float_auc)
     assert pss_auc >= alpt_auc - 0.01, (pss_auc, alpt_auc)
 
@@ -230,6 +232,8 @@ def test_alpt_train_on_a_parameter_server_cluster(tmp_path):
     hidden = float32["data"]["hidden_model_test"]["auc"]
     float_auc = float32["metrics"]["test_auc"]
     assert float_auc >= hidden - 0.05, (float_auc, hidden)
+    print(f"test AUC: float32 one process {float_auc:.4f}, ALPT chief + 2 "
+          f"workers + 2 ps {report['metrics']['test_auc']:.4f}")
     assert report["metrics"]["test_auc"] >= float_auc - 0.02, (
         report["metrics"]["test_auc"], float_auc)
     assert os.path.exists(os.path.join(report["export"]["path"],
@@ -296,5 +300,7 @@ def test_keras3_custom_loop_recipe(resolver, data):
     float_model.fit(train.ids, train.labels, batch_size=BATCH,
                     epochs=EPOCHS, verbose=0)
     float_auc = _auc(float_model, test)
+    print(f"test AUC: float32 {float_auc:.4f}, Keras 3 recipe over 2 "
+          f"parameter servers {float(auc.result()):.4f}")
     assert float_auc >= FLOAT32_AUC_FLOOR, float_auc
     assert float(auc.result()) >= float_auc - 0.03, (auc.result(), float_auc)
