@@ -407,6 +407,7 @@ def main(argv=None):
         if pipeline is not None and is_chief:
             pipeline.save_vocabulary(
                 os.path.join(output_dir, "vocabulary.json"))
+
     def build_and_compile():
         model = build_ctr_model(features, model=args.model,
                                 hidden_units=args.hidden_units,
@@ -428,7 +429,9 @@ def main(argv=None):
         model, optimizer = build_and_compile()
     callbacks = []
     if args.output_dir and not parameter_server:
-        # (tf_keras refuses BackupAndRestore under ParameterServerStrategy.)
+        # Not under ParameterServerStrategy: tf_keras documents support,
+        # but resuming a PSS run is not tested here; the chief saves a
+        # sharded checkpoint at the end instead.
         # One backup dir for the whole cluster: tf_keras coordinates the
         # workers' writes (Keras 3 would need one per worker).
         callbacks.append(keras.callbacks.BackupAndRestore(
