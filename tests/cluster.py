@@ -16,6 +16,23 @@ import sys
 import time
 
 
+def alpt_train(argv, output_dir, timeout=300):
+    """Runs `python <argv> --output-dir output_dir` as one plain process
+    (the single-process reference of a cluster run); returns its report."""
+    proc = subprocess.run(
+        [sys.executable] + list(argv) + ["--output-dir", str(output_dir)],
+        capture_output=True, text=True, timeout=timeout,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return read_report(output_dir)
+
+
+def read_report(directory):
+    """The `report.json` that `alpt-train --output-dir` writes."""
+    with open(os.path.join(directory, "report.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
 def free_ports(count):
     """Ports that were free a moment ago on 127.0.0.1."""
     sockets = []

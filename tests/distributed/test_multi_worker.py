@@ -16,7 +16,13 @@ import pytest
 
 from alpt_keras import IS_KERAS_3
 from alpt_keras.cli import cluster_from_env
-from tests.cluster import assert_succeeded, cluster_spec, run_cluster
+from tests.cluster import (
+    alpt_train,
+    assert_succeeded,
+    cluster_spec,
+    read_report,
+    run_cluster,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # 4 fields of 300 ids, 20 steps of 256: every row is touched many times.
@@ -24,11 +30,6 @@ ARGS = ["-m", "alpt_keras.cli", "--num-examples", "6400", "--num-fields",
         "4", "--vocab-size", "300", "--zipf-exponent", "0", "--batch-size",
         "256", "--epochs", "1", "--hidden-units", "32", "--bits", "4",
         "--learning-rate", "5e-3", "--verbose", "0"]
-
-
-def _report(directory):
-    with open(os.path.join(directory, "report.json"), encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _codes(model_path):
@@ -50,7 +51,7 @@ def test_two_workers_agree_bitwise_and_match_one_process(tmp_path):
     results = run_cluster(cluster_spec(worker=2),
                           ARGS + ["--output-dir", str(out)], str(tmp_path))
     assert_succeeded(results, ["worker-0", "worker-1"])
-    chief, other = _report(out), _report(out / "worker-1")
+    chief, other = read_report(out), read_report(out / "worker-1")
     assert chief["cluster"]["num_workers"] == 2
     assert chief["cluster"]["is_chief"] and not other["cluster"]["is_chief"]
     assert chief["config"]["storage"] == "packed"  # auto in a cluster
@@ -62,13 +63,8 @@ def test_two_workers_agree_bitwise_and_match_one_process(tmp_path):
     assert sorted(os.listdir(out / "worker-1")) == ["report.json"]
 
     single = tmp_path / "single"
-    proc = subprocess.run(
-        [sys.executable] + ARGS + ["--storage", "packed", "--output-dir",
-                                   str(single)],
-        capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _report(single)["table_digests"] != {}
+    assert alpt_train(ARGS + ["--storage", "packed"],
+                      single)["table_digests"] != {}
     cluster_codes = _codes(str(out / "model.keras"))
     single_codes = _codes(str(single / "model.keras"))
     changed = 0

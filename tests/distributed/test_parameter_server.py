@@ -5,10 +5,7 @@ keras-team/keras#18624); the in-process cluster (tests/cluster.py) lives
 until the pytest process exits, so this module creates exactly one.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,9 +21,11 @@ from alpt_keras._keras import keras
 from alpt_keras.models.dnn import build_dnn
 from alpt_keras.models.synthetic import make_synthetic_ctr
 from tests.cluster import (
+    alpt_train,
     assert_succeeded,
     cluster_spec,
     in_process_cluster,
+    read_report,
     run_cluster,
 )
 
@@ -192,11 +191,6 @@ CLI = ["-m", "alpt_keras.cli", "--num-examples", "40000", "--num-fields",
        "5e-3", "--verbose", "0"]
 
 
-def _cli_report(directory):
-    with open(os.path.join(directory, "report.json"), encoding="utf-8") as f:
-        return json.load(f)
-
-
 @pytest.mark.slow
 @tf_keras_only
 def test_alpt_train_on_a_parameter_server_cluster(tmp_path):
@@ -207,7 +201,7 @@ def test_alpt_train_on_a_parameter_server_cluster(tmp_path):
                str(tmp_path / "serving")],
         str(tmp_path), daemons=("ps", "worker"))
     assert_succeeded(results, ["chief-0"])
-    report = _cli_report(out)
+    report = read_report(out)
     assert report["cluster"]["kind"] == "parameter_server"
     assert report["config"]["storage"] == "int8"  # auto: no collectives
     # Every row-indexed variable of every table (codes, Δ, row-wise
@@ -221,14 +215,8 @@ def test_alpt_train_on_a_parameter_server_cluster(tmp_path):
         assert {d[3] for d in devices} == {"task:0", "task:1"}, shards
     # Trained to the single-process float32 floor; the chief evaluated
     # after restoring the sharded checkpoint onto one local copy.
-    single = tmp_path / "float32"
-    proc = subprocess.run(
-        [sys.executable] + CLI + ["--embedding", "float32", "--output-dir",
-                                  str(single)],
-        capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    float32 = _cli_report(single)
+    float32 = alpt_train(CLI + ["--embedding", "float32"],
+                         tmp_path / "float32")
     hidden = float32["data"]["hidden_model_test"]["auc"]
     float_auc = float32["metrics"]["test_auc"]
     assert float_auc >= hidden - 0.05, (float_auc, hidden)
