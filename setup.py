@@ -30,7 +30,10 @@ setup(
         "numpy>=1.26,<2.5",
     ],
     extras_require={
-        "test": ["pytest==9.0.3", "pytest-timeout==2.4.0", "ruff==0.17.6"],
+        "test": ["pytest==9.0.3", "pytest-timeout==2.4.0", "ruff==0.17.6",
+                 "matplotlib==3.10.7"],
+        # The accuracy benchmark's plot.
+        "bench": ["matplotlib==3.10.7"],
     },
     entry_points={"console_scripts": [
         "alpt-train=alpt_keras.cli:main",

@@ -10,7 +10,8 @@ from alpt_keras._keras import IS_KERAS_3
 from alpt_keras.callbacks import ALPTMonitor
 from alpt_keras.embedding import ALPTEmbedding
 from alpt_keras.optimizer import ALPTOptimizer
-from alpt_keras.table import RowPartitioner
+from alpt_keras.table import RowPartitioner, step_size_pass
+from alpt_keras.two_pass import TwoPassTrainStep, two_pass
 
 __version__ = "0.1.0"
 
@@ -20,5 +21,8 @@ __all__ = [
     "ALPTOptimizer",
     "IS_KERAS_3",
     "RowPartitioner",
+    "TwoPassTrainStep",
     "quantizers",
+    "step_size_pass",
+    "two_pass",
 ]

@@ -13,6 +13,7 @@ from alpt_keras.table import (
     Int8Storage,
     PackedStorage,
     TableState,
+    in_step_size_pass,
     pack_codes,
     row_variables,
     unpack_codes,
@@ -431,7 +432,7 @@ class ALPTEmbedding(keras.layers.Layer):
         rows = quantizers.dequantize(
             table.storage.read_rows(ids), table.read_step_sizes(ids)
         )
-        if training is False:
+        if training is False and not in_step_size_pass():
             # Inference (predict, serving): plain dequantized lookup, no
             # gradient plumbing, so exports capture only codes and Δ.
             return tf.cast(rows, self.compute_dtype)

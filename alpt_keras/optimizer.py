@@ -1,8 +1,10 @@
 """`ALPTOptimizer`: wraps a Keras optimizer and owns every ALPT table update."""
 
 import collections
+import contextlib
 import copy
 import functools
+import threading
 
 import tensorflow as tf
 
@@ -18,6 +20,7 @@ SUPPORTED_EMBEDDING_OPTIMIZERS = (
     "lazy_adam",
 )
 SUPPORTED_STEP_SIZE_OPTIMIZERS = ("rowwise", "adam", "adagrad", "sgd")
+SUPPORTED_STEP_SIZE_GRADIENTS = ("one_pass", "two_pass")
 
 # Bytes of table-optimizer state per row of width D (float32 slots).
 EMBEDDING_STATE_BYTES = {
@@ -86,6 +89,32 @@ def _write_state(variable, ids, new, old, finite, per_row):
     return variable.assign(kept)
 
 
+class _TwoPassState:
+    """A two-pass step's bookkeeping, between the two passes of one traced
+    train step. A plain object, not a list or dict, so Keras's attribute
+    tracking never adopts the carriers and tensors kept here as optimizer
+    variables."""
+
+    def __init__(self):
+        # Inside `two_pass_step()`: per thread, since MirroredStrategy runs
+        # each replica's step in its own thread.
+        self.local = threading.local()
+        # Set in replica context, read by the merge function (which may run
+        # in another thread): the same for every replica.
+        self.carriers = []
+        self.aggregate = True
+        # The first pass's rows (set and read in cross-replica context).
+        self.pending = None
+
+    @property
+    def active(self):
+        return getattr(self.local, "active", False)
+
+    @active.setter
+    def active(self, value):
+        self.local.active = value
+
+
 class _VariableList(list):
     """A list that is also callable: tf_keras code calls `variables()`."""
 
@@ -117,8 +146,14 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
        `learn_step_size=False`) with the LSQ gradient
        `∂L/∂Δ_i = γ Σ_j g_ij s_ij`, `s_ij = R_D(v) - v` inside the range and
        `-Q_N` / `Q_P` outside it, `v = w'_i / Δ_i`, `γ = 1/sqrt(N Q_P)`,
-       applied with the step-size optimizer and kept `>= min_step_size`
-       (the one-pass form: `g_i` stands in for the gradient of a second pass);
+       applied with the step-size optimizer and kept `>= min_step_size`.
+       With `step_size_gradient="one_pass"` (default) `g_i` stands in for
+       the gradient of a second pass. With `"two_pass"` (the paper's exact
+       step) the gradient `ĝ_i` of a second forward/backward pass on the
+       same batch, with the touched rows at `Q_D(w'_i; Δ_i)` and the dense
+       variables already updated, is used instead; the model's train step
+       must run that pass (`alpt_keras.TwoPassTrainStep`,
+       `alpt_keras.two_pass`);
     4. writes back `ŵ_i = clip(R(w'_i / Δ'_i), -Q_N, Q_P)` with the layer's
        rounding; stochastic noise is a hash of (seed, salt, step, row, column).
 
@@ -176,6 +211,7 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
         epsilon=1e-8,
         step_size_epsilon=1e-12,
         initial_accumulator_value=0.0,
+        step_size_gradient="one_pass",
         name="alpt_optimizer",
         **kwargs,
     ):
@@ -217,6 +253,12 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
                 f"{SUPPORTED_STEP_SIZE_OPTIMIZERS}. "
                 f"Received: step_size_optimizer={step_size_optimizer!r}"
             )
+        if step_size_gradient not in SUPPORTED_STEP_SIZE_GRADIENTS:
+            raise ValueError(
+                "`step_size_gradient` must be one of "
+                f"{SUPPORTED_STEP_SIZE_GRADIENTS}. "
+                f"Received: step_size_gradient={step_size_gradient!r}"
+            )
         if step_size_optimizer == "sgd" and step_size_learning_rate is None:
             raise ValueError(
                 "`step_size_optimizer='sgd'` needs an explicit "
@@ -256,9 +298,11 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
             initial_accumulator_value,
             inclusive=True,
         )
+        self.step_size_gradient = step_size_gradient
         self._alpt_built = False
         self._tables = []
         self._slots = []
+        self._two_pass = _TwoPassState()
         register_optimizer(self)
 
     # -------------------------------------------------------- forwarding
@@ -420,28 +464,42 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
             if table is None:
                 dense.append((grad, variable))
             elif grad is not None:
-                table_grads.append((table, grad))
+                table_grads.append((table, grad, variable))
         if not self._alpt_built:
             with tf.init_scope():
                 self.build([v for _, v in grads_and_vars])
+        two_pass = self.step_size_gradient == "two_pass" and any(
+            table.learn_step_size for table, _, _ in table_grads)
+        if two_pass and not self._two_pass.active:
+            raise RuntimeError(
+                "ALPTOptimizer(step_size_gradient='two_pass') learns step "
+                "sizes from a second forward/backward pass that an optimizer "
+                "cannot run. Train with a model whose train step runs it: "
+                "subclass `alpt_keras.TwoPassTrainStep` (Keras models and "
+                "tfrs.Model) or call `alpt_keras.two_pass(model)` before "
+                "`fit` (functional models); in a custom loop, apply inside "
+                "`optimizer.two_pass_step()` and then call "
+                "`optimizer.apply_step_size_gradients`. Received: an apply "
+                "outside a two-pass train step."
+            )
+        if self._two_pass.pending is not None:
+            raise RuntimeError(
+                "ALPTOptimizer: the previous two-pass step is still waiting "
+                "for its second-pass gradients "
+                "(`apply_step_size_gradients`). Received: another apply.")
         result = None
         if dense:
             result = self.inner_optimizer.apply_gradients(
                 dense, *args, **kwargs
             )
         if table_grads:
-            self._apply_tables(table_grads, aggregate, count_step=not dense)
+            self._apply_tables(table_grads, aggregate, count_step=not dense,
+                               two_pass=two_pass)
         return self.iterations if result is None else result
 
-    def _apply_tables(self, table_grads, aggregate, count_step):
-        if _keras.in_xla_context():
-            raise NotImplementedError(
-                "ALPTOptimizer cannot update ALPT tables under XLA (unique, "
-                "integer scatters and id checks are not XLA-safe). Compile "
-                "with `jit_compile=False`. Received: an apply inside an "
-                "XLA-compiled function."
-            )
-        tables, slices = [], []
+    def _table_slices(self, table_grads):
+        """Checks table gradients; returns them as float32/int64 slices."""
+        slices = []
         for table, grad in table_grads:
             if table.claimed_by is None or table.claimed_by() is not self:
                 raise ValueError(
@@ -455,7 +513,6 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
                     "`tf.IndexedSlices` produced by ALPTEmbedding. Received: "
                     f"{type(grad).__name__}"
                 )
-            tables.append(table)
             slices.append(
                 tf.IndexedSlices(
                     tf.cast(grad.values, tf.float32),
@@ -463,7 +520,11 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
                     grad.dense_shape,
                 )
             )
-        update = functools.partial(self._update_tables, tables, count_step)
+        return slices
+
+    def _in_cross_replica(self, update, slices, aggregate):
+        """Sums `slices` over replicas (concatenated) and runs `update`
+        once, in cross-replica context, on the flat (ids, values) pairs."""
         context = tf.distribute.get_replica_context()
         if tf.distribute.has_strategy() and context is not None:
             if aggregate:
@@ -474,15 +535,33 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
         flat = [(s.indices, s.values) for s in slices]
         return update(tf.distribute.get_strategy(), flat)
 
-    def _update_tables(self, tables, count_step, strategy, flat):
+    def _apply_tables(self, table_grads, aggregate, count_step, two_pass):
+        if _keras.in_xla_context():
+            raise NotImplementedError(
+                "ALPTOptimizer cannot update ALPT tables under XLA (unique, "
+                "integer scatters and id checks are not XLA-safe). Compile "
+                "with `jit_compile=False`. Received: an apply inside an "
+                "XLA-compiled function."
+            )
+        tables = [table for table, _, _ in table_grads]
+        slices = self._table_slices([(t, g) for t, g, _ in table_grads])
+        self._two_pass.carriers = [v for _, _, v in table_grads]
+        self._two_pass.aggregate = aggregate
+        update = functools.partial(
+            self._update_tables, tables, count_step, two_pass)
+        return self._in_cross_replica(update, slices, aggregate)
+
+    def _update_tables(self, tables, count_step, two_pass, strategy, flat):
         """Cross-replica: computes every table's new rows once, writes them.
 
         Computing once and writing the same tensors to every copy keeps the
         replicas bit-identical even where a kernel (GPU segment sums) is not
-        deterministic.
+        deterministic. In a two-pass step, tables that learn Δ get their
+        optimizer state and deterministically rounded codes `Q_D(w'; Δ)`
+        now (what the second pass reads); their Δ and final codes wait for
+        `apply_step_size_gradients`.
         """
-        prepared = []
-        finite = tf.constant(True)
+        rows, finite = [], tf.constant(True)
         for table, (ids, values) in zip(tables, flat, strict=True):
             ids = strategy.experimental_local_results(ids)[0]
             values = strategy.experimental_local_results(values)[0]
@@ -490,34 +569,55 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
             grads = tf.math.unsorted_segment_sum(
                 values, positions, tf.shape(unique_ids)[0]
             )  # (U, D)
-            in_range = tf.logical_and(
-                tf.reduce_all(unique_ids >= 0),
-                tf.reduce_all(unique_ids < table.input_dim),
-            )
-            check = tf.debugging.Assert(
-                in_range,
-                [
-                    f"ALPTOptimizer: row ids of table '{table.name}' must be "
-                    f"in [0, {table.input_dim}). Received ids:",
-                    unique_ids,
-                ],
-                summarize=10,
-            )
-            with tf.control_dependencies([check]):
-                unique_ids = tf.identity(unique_ids)
+            unique_ids = self._checked_ids(table, unique_ids)
             finite = tf.logical_and(
                 finite, tf.reduce_all(tf.math.is_finite(grads))
             )
-            prepared.append((table, unique_ids, grads))
+            rows.append(dict(table=table, ids=ids, unique_ids=unique_ids,
+                             positions=positions, grads=grads))
         step = tf.convert_to_tensor(self._table_iterations)
-        writes = []
-        for table, unique_ids, grads in prepared:
-            slots = self._slots[self._tables.index(table)]
-            writes.extend(
-                self._update_one_table(
-                    table, slots, unique_ids, grads, step, finite
-                )
-            )
+        writes, pending = [], []
+        for row in rows:
+            table = row["table"]
+            row["slots"] = self._slots[self._tables.index(table)]
+            writes.extend(self._row_step(row, step, finite))
+            if two_pass and table.learn_step_size:
+                fake_quantized = quantizers.quantize(
+                    row["new_weights"], row["step_size"], table.num_bits,
+                    "deterministic")
+                writes.append(table.storage.write_rows(
+                    row["unique_ids"],
+                    tf.where(finite, fake_quantized, row["codes"])))
+                row["carrier"] = self._two_pass.carriers[tables.index(table)]
+                pending.append(row)
+            else:
+                writes.extend(self._step_size_and_codes(
+                    row, row["grads"], step, finite, finite))
+        if pending:
+            self._two_pass.pending = dict(
+                rows=pending, finite=finite, step=step,
+                count_step=count_step, aggregate=self._two_pass.aggregate)
+            return tf.group(writes)
+        return self._count_step(writes, finite, count_step)
+
+    def _checked_ids(self, table, unique_ids):
+        in_range = tf.logical_and(
+            tf.reduce_all(unique_ids >= 0),
+            tf.reduce_all(unique_ids < table.input_dim),
+        )
+        check = tf.debugging.Assert(
+            in_range,
+            [
+                f"ALPTOptimizer: row ids of table '{table.name}' must be "
+                f"in [0, {table.input_dim}). Received ids:",
+                unique_ids,
+            ],
+            summarize=10,
+        )
+        with tf.control_dependencies([check]):
+            return tf.identity(unique_ids)
+
+    def _count_step(self, writes, finite, count_step):
         with tf.control_dependencies(writes):
             applied = tf.cast(finite, tf.int64)
             ops = [
@@ -536,46 +636,68 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
                     self.inner_optimizer.iterations).assign_add(1))
         return tf.group(ops)
 
-    def _update_one_table(self, table, slots, ids, grads, step, finite):
-        """Returns the write ops of one table's step (rows `ids` only)."""
+    def _slot_rows(self, row, name):
+        return tf.nn.embedding_lookup(
+            _keras.tf_variable(row["slots"][name]), row["unique_ids"])
+
+    def _row_step(self, row, step, finite):
+        """Step 2: the table optimizer on the touched rows. Fills `row`
+        with `codes`, `step_size`, `new_weights`; returns the state writes.
+        """
+        table, ids, slots = row["table"], row["unique_ids"], row["slots"]
         codes = table.storage.read_rows(ids)  # (U, D) int32
         step_size = table.read_step_sizes(ids)  # (U, 1) or (1, 1)
         weights = quantizers.dequantize(codes, step_size)  # (U, D)
         t = tf.cast(step + 1, tf.float32)
-
-        def rows(name):
-            return tf.nn.embedding_lookup(
-                _keras.tf_variable(slots[name]), ids
-            )
-
-        old_state = {name: rows(name) for name in ("accumulator", "m", "v")
-                     if name in slots}
+        old_state = {name: self._slot_rows(row, name)
+                     for name in ("accumulator", "m", "v") if name in slots}
         new_weights, new_state = self._embedding_step(
-            weights, grads, old_state, t,
-            self._embedding_lr(),
+            weights, row["grads"], old_state, t, self._embedding_lr(),
         )
+        row.update(codes=codes, step_size=step_size, new_weights=new_weights)
+        return [
+            _write_state(slots[name], ids, value, old_state[name], finite,
+                         True)
+            for name, value in new_state.items()
+        ]
+
+    def _step_size_and_codes(self, row, step_grads, step, finite,
+                             step_finite):
+        """Steps 3 and 4: learns Δ from `step_grads` (`g` in one pass, `ĝ`
+        in two), then writes the codes `clip(R(w' / Δ'))`. Rows are written
+        only if `finite`, Δ and its state only if `step_finite` too."""
+        table, ids, slots = row["table"], row["unique_ids"], row["slots"]
+        step_size, new_weights = row["step_size"], row["new_weights"]
+        t = tf.cast(step + 1, tf.float32)
         new_step_size = step_size
-        old_step_state, new_step_state = {}, {}
+        writes = []
         if table.learn_step_size:
             step_grad = quantizers.lsq_step_size_gradient(
-                new_weights, step_size, grads, table.num_bits,
+                new_weights, step_size, step_grads, table.num_bits,
                 table.num_shared,
             )  # (U, 1)
             if not table.per_row:
                 step_grad = tf.reduce_sum(step_grad, axis=0, keepdims=True)
+            old_step_state = {}
             for name in ("step_m", "step_v", "step_accumulator"):
                 if name in slots:
                     if table.per_row:
-                        old_step_state[name] = rows(name)
+                        old_step_state[name] = self._slot_rows(row, name)
                     else:
                         old_step_state[name] = tf.convert_to_tensor(
                             _keras.tf_variable(slots[name])
                         )
             new_step_size, new_step_state = self._step_size_step(
                 step_size, step_grad, old_step_state, t,
-                self._step_size_lr(table), grads, table.per_row,
+                self._step_size_lr(table), step_grads, table.per_row,
             )
             new_step_size = tf.maximum(new_step_size, table.min_step_size)
+            new_step_size = tf.where(step_finite, new_step_size, step_size)
+            writes.append(table.write_step_sizes(ids, new_step_size))
+            for name, value in new_step_state.items():
+                writes.append(_write_state(
+                    slots[name], ids, value, old_step_state[name],
+                    step_finite, table.per_row))
         noise = None
         if table.rounding == "stochastic":
             noise = quantizers.hash_uniform(
@@ -585,23 +707,121 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
             new_weights, new_step_size, table.num_bits, table.rounding, noise
         )
         # A non-finite step writes the old values back: bitwise unchanged.
-        writes = [
-            table.storage.write_rows(ids, tf.where(finite, new_codes, codes))
-        ]
-        for name, value in new_state.items():
-            writes.append(_write_state(
-                slots[name], ids, value, old_state[name], finite, True))
-        if table.learn_step_size:
-            writes.append(
-                table.write_step_sizes(
-                    ids, tf.where(finite, new_step_size, step_size)
-                )
-            )
-            for name, value in new_step_state.items():
-                writes.append(_write_state(
-                    slots[name], ids, value, old_step_state[name], finite,
-                    table.per_row))
+        writes.append(table.storage.write_rows(
+            ids, tf.where(finite, new_codes, row["codes"])))
         return writes
+
+    # ---------------------------------------------------- two-pass steps
+    @contextlib.contextmanager
+    def two_pass_step(self):
+        """Marks the `apply` inside as the first pass of a two-pass step.
+
+        With `step_size_gradient="two_pass"`, that apply updates the dense
+        variables and the touched rows' optimizer state, and writes
+        `Q_D(w'; Δ)` (deterministic rounding, the old Δ) to the codes. Then
+        run the second forward/backward pass on the same batch, in
+        inference mode inside `alpt_keras.step_size_pass()` (so lookups
+        still carry row gradients), and pass the gradients of
+        `pending_carriers` to `apply_step_size_gradients`, which learns Δ
+        and writes the final codes. `alpt_keras.TwoPassTrainStep` does all
+        of this in `fit`; a custom loop:
+
+        ```python
+        with optimizer.two_pass_step():
+            optimizer.apply_gradients(zip(grads, variables))
+        carriers = optimizer.pending_carriers
+        with tf.GradientTape() as tape, alpt_keras.step_size_pass():
+            loss = loss_fn(y, model(x, training=False))
+        optimizer.apply_step_size_gradients(
+            tape.gradient(loss, carriers), carriers)
+        ```
+        """
+        self._two_pass.active = True
+        try:
+            yield
+        finally:
+            self._two_pass.active = False
+
+    @property
+    def pending_carriers(self):
+        """Gradient carriers of the tables waiting for a second pass (an
+        empty list outside a two-pass step or when no table learns Δ)."""
+        if self._two_pass.pending is None:
+            return []
+        return [row["carrier"] for row in self._two_pass.pending["rows"]]
+
+    def discard_pending_step(self):
+        """Forgets a first pass whose second pass will not run (e.g. its
+        trace failed); the next step starts afresh."""
+        self._two_pass.pending = None
+
+    def apply_step_size_gradients(self, grads, carriers=None):
+        """Finishes a two-pass step with the second pass's gradients.
+
+        Args:
+            grads: the gradients of the second-pass loss with respect to
+                `carriers` (the `tf.IndexedSlices` that ALPTEmbedding
+                produces), one per carrier.
+            carriers: defaults to `pending_carriers`, in that order.
+        """
+        if self._two_pass.pending is None:
+            raise RuntimeError(
+                "ALPTOptimizer.apply_step_size_gradients: no two-pass step "
+                "is waiting (apply the first pass inside `two_pass_step()` "
+                "with step_size_gradient='two_pass'). Received: gradients "
+                "with nothing pending.")
+        pending = self._two_pass.pending["rows"]
+        carriers = self.pending_carriers if carriers is None else carriers
+        grads = list(grads)
+        if len(grads) != len(carriers):
+            raise ValueError(
+                "`grads` must have one gradient per carrier "
+                f"({len(carriers)}). Received: {len(grads)} gradients")
+        by_table = {}
+        for grad, carrier in zip(grads, carriers, strict=True):
+            by_table[id(find_table(carrier))] = grad
+        table_grads = []
+        for row in pending:
+            grad = by_table.get(id(row["table"]))
+            if grad is None:
+                raise ValueError(
+                    f"The second pass gave no gradient for ALPT table "
+                    f"'{row['table'].name}'; it must look up the same batch "
+                    "as the first. Received: None")
+            table_grads.append((row["table"], grad))
+        slices = self._table_slices(table_grads)
+        return self._in_cross_replica(
+            self._finish_tables, slices, self._two_pass.pending["aggregate"])
+
+    def _finish_tables(self, strategy, flat):
+        state, self._two_pass.pending = self._two_pass.pending, None
+        finite, step = state["finite"], state["step"]
+        step_grads, step_finite = [], finite
+        for row, (ids, values) in zip(state["rows"], flat, strict=True):
+            ids = strategy.experimental_local_results(ids)[0]
+            values = strategy.experimental_local_results(values)[0]
+            first = row["ids"]
+            same = tf.cond(
+                tf.equal(tf.size(ids), tf.size(first)),
+                lambda ids=ids, first=first: tf.reduce_all(
+                    tf.equal(ids, first)),
+                lambda: tf.constant(False),
+            )
+            check = tf.debugging.Assert(same, [
+                f"ALPTOptimizer: the second pass must look up the same ids "
+                f"as the first in table '{row['table'].name}'. Received ids:",
+                ids], summarize=10)
+            with tf.control_dependencies([check]):
+                grads = tf.math.unsorted_segment_sum(
+                    values, row["positions"], tf.shape(row["unique_ids"])[0])
+            step_finite = tf.logical_and(
+                step_finite, tf.reduce_all(tf.math.is_finite(grads)))
+            step_grads.append(grads)
+        writes = []
+        for row, grads in zip(state["rows"], step_grads, strict=True):
+            writes.extend(self._step_size_and_codes(
+                row, grads, step, finite, step_finite))
+        return self._count_step(writes, finite, state["count_step"])
 
     def _embedding_lr(self):
         if self.embedding_learning_rate is not None:
@@ -688,6 +908,7 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
             "epsilon": self.epsilon,
             "step_size_epsilon": self.step_size_epsilon,
             "initial_accumulator_value": self.initial_accumulator_value,
+            "step_size_gradient": self.step_size_gradient,
         }
 
     @classmethod

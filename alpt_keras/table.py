@@ -182,6 +182,27 @@ class PackedStorage:
                             self.num_bits, self.output_dim)
 
 
+# ------------------------------------------------ two-pass step-size pass
+_PASS_SCOPE = threading.local()
+
+
+@contextlib.contextmanager
+def step_size_pass():
+    """Inside, inference-mode lookups (`training=False`) still carry their
+    row gradients: the second pass of a two-pass ALPT step runs the model
+    in inference mode but needs `∂L/∂e` for the step sizes."""
+    previous = getattr(_PASS_SCOPE, "active", False)
+    _PASS_SCOPE.active = True
+    try:
+        yield
+    finally:
+        _PASS_SCOPE.active = previous
+
+
+def in_step_size_pass():
+    return getattr(_PASS_SCOPE, "active", False)
+
+
 # ---------------------------------------------------------------- sharding
 _ROW_SCOPE = threading.local()
 

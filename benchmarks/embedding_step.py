@@ -70,7 +70,17 @@ def make_step(name, ids, rows, dim):
                                       strict=True))
         return loss
 
+    step.layer, step.optimizer = layer, optimizer  # for byte counts
     return step
+
+
+def table_and_state_bytes(step):
+    """Exact bytes of a setup's table and its `[rows, ...]` optimizer
+    state (the optimizers' scalar counters aside)."""
+    variables = [v for v in step.layer.weights if len(v.shape) == 2] + [
+        v for v in step.optimizer.variables if len(v.shape) == 2]
+    return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize
+                   for v in variables))
 
 
 def measure_all(names, ids, rows, dim, steps, warmup, rounds):
@@ -95,7 +105,8 @@ def measure_all(names, ids, rows, dim, steps, warmup, rounds):
             "setup": name, "median_step_seconds": median,
             "examples_per_second": ids.shape[0] / median,
             "ids_per_second": int(np.prod(ids.shape)) / median,
-            "steps": steps * rounds})
+            "steps": steps * rounds,
+            "table_and_state_bytes": table_and_state_bytes(steps_fn[name])})
     return results
 
 

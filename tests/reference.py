@@ -90,8 +90,13 @@ class TableRef:
     def step_rows(self, ids):
         return self.step[ids] if self.per_row else self.step
 
-    def apply(self, ids, grads):
-        """`ids` [N], `grads` [N, D]: duplicates summed, rows updated."""
+    def apply(self, ids, grads, second_pass=None):
+        """`ids` [N], `grads` [N, D]: duplicates summed, rows updated.
+
+        `second_pass(uniq, rows)` (the two-pass step): given the touched
+        rows fake-quantized at `Q_D(w'; Δ)`, returns the second pass's
+        gradients `[N, D]` for `ids`; Δ then learns from their sums `ĝ`.
+        """
         uniq, inverse = np.unique(ids, return_inverse=True)
         g = np.zeros((len(uniq), grads.shape[1]), np.float32)
         np.add.at(g, inverse, grads.astype(np.float32))
@@ -121,6 +126,11 @@ class TableRef:
             w2 = w - f32(self.lr) * mh / (np.sqrt(vh) + f32(self.eps))
         w2 = w2.astype(np.float32)
         new_delta = delta
+        if self.learn and second_pass is not None:
+            fake = (quantize(w2, delta, self.bits, "deterministic")
+                    * delta).astype(np.float32)
+            g = np.zeros_like(g)
+            np.add.at(g, inverse, second_pass(uniq, fake).astype(np.float32))
         if self.learn:
             lo, hi = code_range(self.bits)
             n = w.shape[1] if self.per_row else self.codes.size

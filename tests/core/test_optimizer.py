@@ -11,6 +11,7 @@ from alpt_keras._keras import keras
 from tests import reference as ref
 from tests.core.helpers import (
     assert_bitwise_equal,
+    assert_codes_match,
     optimizer_state,
     snapshot,
     step_layer,
@@ -28,23 +29,6 @@ def _batches(steps=3, batch=16, fields=3, seed=0):
         ids = rng.integers(0, 20, size=(batch, fields))  # many duplicates
         upstream = rng.normal(0, 0.01, size=(batch, fields, D))
         yield ids.astype(np.int64), upstream.astype(np.float32)
-
-
-def _assert_codes_match(got, want, scaled, noise, rounding, step_error):
-    """Codes equal, except ±1 where the pre-rounding value `w'/Δ'` sits
-    within its own uncertainty of the rounding threshold: 1e-5 relative
-    (float32 summation order differs between TF's tree reductions and
-    NumPy's) plus the measured relative difference of Δ', which rescales
-    `w'/Δ'`. Such a value may legitimately round either way."""
-    diff = got - want
-    if not diff.any():
-        return
-    frac = scaled - np.floor(scaled)
-    threshold = noise if rounding == "stochastic" else 0.5
-    band = (1e-5 + step_error) * np.maximum(1, np.abs(scaled))
-    near = np.abs(frac - threshold) <= band
-    assert np.all(np.abs(diff) <= 1)
-    assert np.all(near[diff != 0]), "codes differ away from a threshold"
 
 
 def _compare_state(table, opt, tref, uniq):
@@ -108,7 +92,7 @@ def _run_against_reference(emb_opt, bits, step_size, step_opt="rowwise",
         got_step = value(layer.step_sizes)
         rows = uniq if step_size == "row" else slice(None)
         step_error = np.abs(got_step[rows] / tref.step[rows] - 1)
-        _assert_codes_match(got[uniq], tref.codes[uniq], scaled, noise,
+        assert_codes_match(got[uniq], tref.codes[uniq], scaled, noise,
                             rounding, step_error)
         tref.codes[uniq] = got[uniq]  # keep comparing from identical codes
         np.testing.assert_array_equal(np.delete(got, uniq, 0),

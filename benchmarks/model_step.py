@@ -1,0 +1,159 @@
+"""Full-model training throughput: ALPT vs float32 at a 2^22-row table.
+
+The same CTR model in every setup: 26 categorical fields looked up in one
+table of V = 2^22 rows x 16 (ids drawn as
+`numpy.random.default_rng(0).zipf(1.2, size=(B, 26)) % V`), the 26 rows
+concatenated, an MLP 256-128 (ReLU) and a logit, binary cross-entropy,
+batch 4096, trained with `model.fit`. Setups, measured in the same process
+and interleaved (each fits a few steps per round) so their ratios are
+comparable:
+
+- `alpt`: `ALPTEmbedding` (8-bit, per-row Δ) + `ALPTOptimizer(Adam)` with
+  its defaults (row-wise Adagrad rows);
+- `alpt_2pass`: the same with the paper-exact two-pass step;
+- `float32_sgd`: `keras.layers.Embedding`, Keras SGD for everything (the
+  fastest float32 setup on Keras 3, whose SGD is row-sparse);
+- `float32_adam`: `keras.layers.Embedding`, Keras Adam for everything (its
+  moments are updated for all `[V, D]` entries every step).
+
+    python benchmarks/model_step.py           # full (~3 min)
+    python benchmarks/model_step.py --tiny    # smoke run for CI
+
+Prints a table (steady-state examples/s, ratio to the fastest float32 setup
+and to float32 + Adam) and writes JSON (default
+benchmarks/results/model_step.json).
+"""
+
+import argparse
+import time
+
+import numpy as np
+import tensorflow as tf
+from _report import default_output, machine_info, write_report
+
+from alpt_keras import ALPTEmbedding, ALPTOptimizer, _keras, two_pass
+
+keras = _keras.keras
+SETUPS = ("alpt", "alpt_2pass", "float32_sgd", "float32_adam")
+
+
+def build(name, rows, dim, fields, seed=0):
+    keras.utils.set_random_seed(seed)
+    ids = keras.Input((fields,), dtype="int64", name="ids")
+    if name.startswith("alpt"):
+        table = ALPTEmbedding(rows, dim, seed=seed, name="table")
+    else:
+        table = keras.layers.Embedding(rows, dim, name="table")
+    x = keras.layers.Flatten()(table(ids))
+    for units in (256, 128):
+        x = keras.layers.Dense(units, activation="relu")(x)
+    out = keras.layers.Dense(1, activation="sigmoid")(x)
+    model = keras.Model(ids, out)
+    if name == "float32_sgd":
+        optimizer = keras.optimizers.SGD(0.01)
+    elif name == "float32_adam":
+        optimizer = keras.optimizers.Adam(1e-3)
+    else:
+        optimizer = ALPTOptimizer(
+            keras.optimizers.Adam(1e-3),
+            step_size_gradient="two_pass" if name == "alpt_2pass"
+            else "one_pass")
+    model.compile(optimizer, "binary_crossentropy", jit_compile=False)
+    if name == "alpt_2pass":
+        two_pass(model)
+    return model
+
+
+class _BatchTimes(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def measure(names, rows, dim, fields, batch, steps, warmup, rounds):
+    rng = np.random.default_rng(0)
+    ids = rng.zipf(1.2, size=(batch * 4, fields)) % rows
+    labels = rng.integers(0, 2, size=(batch * 4, 1)).astype(np.float32)
+    data = tf.data.Dataset.from_tensor_slices((ids, labels)).batch(
+        batch).repeat().prefetch(2)
+    models = {name: build(name, rows, dim, fields) for name in names}
+    for model in models.values():
+        model.fit(data, steps_per_epoch=warmup, epochs=1, verbose=0)
+    times = {name: [] for name in names}
+    for _ in range(rounds):
+        for name, model in models.items():
+            callback = _BatchTimes()
+            model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0,
+                      callbacks=[callback])
+            times[name].extend(callback.times)
+    unique = int(np.mean([len(np.unique(ids[i:i + batch]))
+                          for i in range(0, len(ids), batch)]))
+    results = []
+    for name in names:
+        median = float(np.median(times[name]))
+        results.append({"setup": name, "median_step_seconds": median,
+                        "examples_per_second": batch / median,
+                        "steps": len(times[name])})
+    return results, unique
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=2**22)
+    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--fields", type=int, default=26)
+    parser.add_argument("--steps", type=int, default=5,
+                        help="steps per setup per round")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS),
+                        choices=SETUPS)
+    parser.add_argument("--output", default=default_output("model_step"))
+    parser.add_argument("--tiny", action="store_true",
+                        help="seconds-long smoke run (CI)")
+    args = parser.parse_args()
+    if args.tiny:
+        args.rows, args.batch, args.steps, args.warmup = 2**12, 256, 2, 1
+        args.rounds = 1
+    results, unique = measure(args.setups, args.rows, args.dim, args.fields,
+                              args.batch, args.steps, args.warmup,
+                              args.rounds)
+    by_name = {r["setup"]: r for r in results}
+    float32 = [r for r in results if r["setup"].startswith("float32")]
+    fastest = max(float32, key=lambda r: r["examples_per_second"],
+                  default=None)
+    adam = by_name.get("float32_adam")
+    print(f"V={args.rows} D={args.dim} batch={args.batch}x{args.fields} "
+          f"(~{unique} unique ids/step), MLP 256-128, "
+          f"{'Keras 3' if _keras.IS_KERAS_3 else 'tf_keras'}, median of "
+          f"{args.steps * args.rounds} steps, setups interleaved")
+    print(f"{'setup':<14}{'examples/s':>12}{'ms/step':>10}"
+          f"{'vs fastest f32':>16}{'vs f32 Adam':>13}")
+    for r in results:
+        r["ratio_to_fastest_float32"] = (
+            r["examples_per_second"] / fastest["examples_per_second"]
+            if fastest else None)
+        r["ratio_to_float32_adam"] = (
+            r["examples_per_second"] / adam["examples_per_second"]
+            if adam else None)
+        fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+        print(f"{r['setup']:<14}{r['examples_per_second']:>12,.0f}"
+              f"{1000 * r['median_step_seconds']:>10.1f}"
+              f"{fmt(r['ratio_to_fastest_float32']):>16}"
+              f"{fmt(r['ratio_to_float32_adam']):>13}")
+    write_report(args.output, {
+        "benchmark": "model_step", "config": vars(args),
+        "fastest_float32": fastest["setup"] if fastest else None,
+        "unique_ids_per_step": unique, "machine": machine_info(),
+        "results": results})
+
+
+if __name__ == "__main__":
+    main()
