@@ -34,6 +34,10 @@ setup(
                  "matplotlib==3.10.7"],
         # The accuracy benchmark's plot.
         "bench": ["matplotlib==3.10.7"],
+        # The FBGEMM peer of benchmarks/embedding_step.py; best installed in
+        # its own environment (`--peer-python`). PyPI's Linux torch wheel
+        # is the CUDA build; the CPU build is torch==2.13.0+cpu.
+        "peer": ["torch==2.13.0", "fbgemm-gpu-cpu==1.8.0", "numpy"],
     },
     entry_points={"console_scripts": [
         "alpt-train=alpt_keras.cli:main",

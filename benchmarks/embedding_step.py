@@ -16,12 +16,22 @@ Setups, all in the same process so their ratios are comparable:
 
     python benchmarks/embedding_step.py           # full (~2 min)
     python benchmarks/embedding_step.py --tiny    # smoke run for CI
+    # with the FBGEMM peer (`peer` extra, in its own environment):
+    python benchmarks/embedding_step.py --peer-python peer-venv/bin/python
+
+With `--peer-python`, `peer_fbgemm.py` (FBGEMM's CPU training operator,
+row-wise Adagrad, FP32 and FP16 weights) takes its turn in every round, in
+a subprocess of that interpreter, on the same ids.
 
 Prints a table (examples/s, ms/step, ratio to the fastest float32 setup)
 and writes JSON (default benchmarks/results/embedding_step.json).
 """
 
 import argparse
+import json
+import os
+import subprocess
+import tempfile
 import time
 
 import numpy as np
@@ -83,31 +93,65 @@ def table_and_state_bytes(step):
                    for v in variables))
 
 
-def measure_all(names, ids, rows, dim, steps, warmup, rounds):
+def _peer_turn(python, rows, dim, batch, features, steps, warmup,
+               precisions):
+    """One turn of the FBGEMM peer: setup -> result dict."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "peer.json")
+        subprocess.run(
+            [python, os.path.join(os.path.dirname(os.path.abspath(
+                __file__)), "peer_fbgemm.py"), "--rows", str(rows),
+             "--dim", str(dim), "--batch", str(batch), "--features",
+             str(features), "--steps", str(steps), "--warmup", str(warmup),
+             "--json", out, "--precisions", *precisions],
+            check=True, capture_output=True, text=True, timeout=1800)
+        with open(out, encoding="utf-8") as f:
+            report = json.load(f)
+    return report, {r["setup"]: r for r in report["results"]}
+
+
+def measure_all(names, ids, rows, dim, steps, warmup, rounds,
+                peer_python=None):
     """Median step time of every setup. The setups take turns, `steps`
     steps per turn for `rounds` rounds, so drifting machine load hits all
-    of them alike."""
+    of them alike (the peer, if any, takes its turn in each round)."""
     steps_fn = {name: make_step(name, ids, rows, dim) for name in names}
     for step in steps_fn.values():
         for _ in range(warmup):
             step()
     times = {name: [] for name in names}
-    for _ in range(rounds):
+    peer_info, unsupported = None, {}
+    for round_index in range(rounds):
         for name, step in steps_fn.items():
             for _ in range(steps):
                 start = time.perf_counter()
                 step().numpy()  # wait for the step to finish
                 times[name].append(time.perf_counter() - start)
+        if peer_python:
+            precisions = ["FP32", "FP16"] + (
+                ["INT8"] if round_index == 0 else [])
+            peer_info, peer = _peer_turn(
+                peer_python, rows, dim, ids.shape[0], ids.shape[1], steps,
+                warmup, precisions)
+            for setup, r in peer.items():
+                if r["supported"]:
+                    times.setdefault(setup, []).extend(r["step_seconds"])
+                else:
+                    unsupported[setup] = r["error"]
     results = []
-    for name in names:
+    for name in times:
         median = float(np.median(times[name]))
         results.append({
             "setup": name, "median_step_seconds": median,
             "examples_per_second": ids.shape[0] / median,
             "ids_per_second": int(np.prod(ids.shape)) / median,
-            "steps": steps * rounds,
-            "table_and_state_bytes": table_and_state_bytes(steps_fn[name])})
-    return results
+            "steps": len(times[name]),
+            "table_and_state_bytes": table_and_state_bytes(steps_fn[name])
+            if name in steps_fn else None})
+    if peer_python:
+        peer_info = {k: v for k, v in peer_info.items() if k != "results"}
+        peer_info["unsupported"] = unsupported
+    return results, peer_info
 
 
 def main():
@@ -123,6 +167,9 @@ def main():
     parser.add_argument("--setups", nargs="+",
                         default=["alpt", "alpt_packed", "alpt4_packed",
                                  "float32_sgd", "float32_adam"])
+    parser.add_argument("--peer-python", default=None,
+                        help="interpreter with the `peer` extra (torch + "
+                             "fbgemm-gpu-cpu): adds the FBGEMM peer")
     parser.add_argument("--output", default=default_output("embedding_step"))
     parser.add_argument("--tiny", action="store_true",
                         help="seconds-long smoke run (CI)")
@@ -132,8 +179,10 @@ def main():
         args.rounds = 1
     ids = np.random.default_rng(0).zipf(
         1.2, size=(args.batch, args.features)) % args.rows
-    results = measure_all(args.setups, ids, args.rows, args.dim, args.steps,
-                          args.warmup, args.rounds)
+    results, peer = measure_all(args.setups, ids, args.rows, args.dim,
+                                args.steps, args.warmup, args.rounds,
+                                args.peer_python)
+    # The baseline is the fastest TensorFlow float32 setup.
     float32 = [r for r in results if r["setup"].startswith("float32")]
     fastest = max(float32, key=lambda r: r["examples_per_second"],
                   default=None)
@@ -156,7 +205,13 @@ def main():
         "unique_ids_per_step": int(len(np.unique(ids))),
         "machine": machine_info(),
         "results": results,
+        "peer": peer,
     }
+    if peer:
+        print(f"peer: torch {peer['torch']}, fbgemm_gpu {peer['fbgemm_gpu']}"
+              f", {peer['threads']} threads; cannot train: "
+              + (", ".join(f"{k} ({v})" for k, v in
+                           peer["unsupported"].items()) or "-"))
     write_report(args.output, report)
 
 

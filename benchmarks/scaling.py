@@ -58,8 +58,8 @@ def main():
         rows = 2**log2
         ids = np.random.default_rng(0).zipf(
             1.2, size=(args.batch, args.features)) % rows
-        measured = measure_all(args.setups, ids, rows, args.dim, args.steps,
-                               args.warmup, args.rounds)
+        measured, _ = measure_all(args.setups, ids, rows, args.dim,
+                                  args.steps, args.warmup, args.rounds)
         row = {"rows": rows, "unique_ids_per_step": int(len(np.unique(ids))),
                "setups": {}}
         for r in measured:

@@ -19,3 +19,59 @@ def test_tiny_run_writes_complete_json(tmp_path):
         assert r["examples_per_second"] > 0 and r["steps"] == 3
     fastest = setups[report["fastest_float32"]]
     assert fastest["ratio_to_fastest_float32"] == 1.0
+
+
+PEER_STANDIN = '''#!{python}
+"""Stands in for an interpreter with the `peer` extra: answers like
+peer_fbgemm.py with fixed step times (the real peer needs torch)."""
+import json, sys
+argv = sys.argv[2:]
+out = argv[argv.index("--json") + 1]
+precisions = argv[argv.index("--precisions") + 1:]
+steps = int(argv[argv.index("--steps") + 1])
+results = []
+for p in precisions:
+    if p == "INT8":
+        results.append({{"setup": "fbgemm_int8", "supported": False,
+                         "error": "NotImplementedError: not for Byte"}})
+    else:
+        results.append({{"setup": "fbgemm_" + p.lower(), "supported": True,
+                         "step_seconds": [0.002 if p == "FP32" else 0.004]
+                         * steps}})
+json.dump({{"torch": "stand-in", "fbgemm_gpu": "stand-in", "threads": 2,
+           "results": results}}, open(out, "w"))
+'''
+
+
+@pytest.mark.slow
+def test_peer_turns_are_merged_into_the_table(tmp_path):
+    """`--peer-python`: the peer's FP32/FP16 step times join the results;
+    what it cannot train is reported, not dropped."""
+    import subprocess
+    import sys
+
+    from tests.benchmarks import ROOT
+
+    standin = tmp_path / "peer-python"
+    standin.write_text(PEER_STANDIN.format(python=sys.executable))
+    standin.chmod(0o755)
+    output = tmp_path / "embedding_step.json"
+    proc = subprocess.run(
+        [sys.executable, f"{ROOT}/benchmarks/embedding_step.py", "--tiny",
+         "--setups", "alpt", "float32_sgd", "--peer-python", str(standin),
+         "--output", str(output)], capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    report = json.loads(output.read_text())
+    setups = {r["setup"]: r for r in report["results"]}
+    assert set(setups) == {"alpt", "float32_sgd", "fbgemm_fp32",
+                           "fbgemm_fp16"}
+    assert setups["fbgemm_fp32"]["examples_per_second"] == \
+        pytest.approx(256 / 0.002)
+    assert setups["fbgemm_fp32"]["steps"] == 3
+    # The baseline stays the fastest TensorFlow float32 setup.
+    assert report["fastest_float32"] == "float32_sgd"
+    assert "fbgemm_int8" in report["peer"]["unsupported"]
+    assert "cannot train: fbgemm_int8" in proc.stdout

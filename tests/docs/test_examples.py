@@ -27,7 +27,8 @@ BLOCKS = _readme_blocks()
 
 
 def test_readme_has_the_expected_examples():
-    assert len(BLOCKS) == 5  # Keras 3, TFRS, models, Mirrored, export
+    # Keras 3, TFRS, models, Mirrored, two-pass, export
+    assert len(BLOCKS) == 6
 
 
 @pytest.mark.slow
@@ -50,6 +51,8 @@ def test_readme_block_runs(index, tmp_path):
         assert "int8" in proc.stdout
     if "tfrs" in code:
         assert "'auc'" in proc.stdout
+    if "two_pass(model)" in code:
+        assert proc.stdout.strip().splitlines()[-1] == "True"
     if "export_for_serving" in code:
         assert proc.stdout.strip().splitlines()[-1] == "True"
 

@@ -1,0 +1,247 @@
+"""Where an ALPT embedding step spends its time, and what alternatives give.
+
+The workload of `embedding_step.py` (V = 2^20 rows x 16, 8-bit, batch
+4096 x 26 = 106,496 ids drawn as `zipf(1.2) % V`). Every piece is its own
+`tf.function` on precomputed inputs, and the pieces take turns (interleaved
+rounds) in one process:
+
+- `full_step`: the Keras layer + `ALPTOptimizer` step (`embedding_step.py`'s
+  `alpt` setup);
+- `forward_backward`: lookup and row gradient only (no update);
+- `apply`: `ALPTOptimizer.apply_gradients` alone on a precomputed gradient;
+- the op chain of `apply`, piece by piece: `unique`, `segment_sum`
+  (`unsorted_segment_sum` of the 106,496 row gradients), `row_math` (table
+  optimizer, LSQ step-size rule, noise hash, quantization on the unique
+  rows), `hash_noise` (the noise alone), `gather_rows` (codes, Δ and state
+  of the unique rows), `scatter_writes` (codes, Δ, accumulators);
+- the forward's pieces: `id_check`, `gather_dequantize`;
+- alternatives: `sorted_segment_sum` (sort ids, then `segment_sum`, instead
+  of `unique` + `unsorted_segment_sum`), `scatter_packed` (codes written as
+  packed int32 words instead of int8), `raw_chain` (the whole update as one
+  graph of stock ops without the Keras optimizer machinery).
+
+    python benchmarks/profile_step.py          # full (~2 min)
+    python benchmarks/profile_step.py --tiny   # smoke run for CI
+
+Prints a table (median ms per piece, share of `full_step`) and writes JSON
+(default benchmarks/results/profile_step.json).
+"""
+
+import argparse
+import time
+
+import numpy as np
+import tensorflow as tf
+from _report import default_output, machine_info, write_report
+
+from alpt_keras import ALPTEmbedding, ALPTOptimizer, _keras, quantizers
+from alpt_keras.table import pack_codes
+
+keras = _keras.keras
+
+
+def build_pieces(rows, dim, ids_np):
+    layer = ALPTEmbedding(rows, dim, seed=0, name="table")
+    optimizer = ALPTOptimizer(keras.optimizers.SGD())
+    ids = tf.constant(ids_np)
+    layer(ids[:1])
+    optimizer.build(layer.trainable_variables)
+    upstream = tf.constant(np.random.default_rng(1).normal(
+        0, 1e-4, size=(*ids_np.shape, dim)).astype(np.float32))
+    variables = layer.trainable_variables
+    flat = tf.reshape(ids, [-1])
+    flat_up = tf.reshape(upstream, [-1, dim])
+    grad = tf.IndexedSlices(flat_up, flat, tf.constant([rows, dim],
+                                                       tf.int64))
+    unique_ids, positions = tf.unique(flat)
+    sums = tf.math.unsorted_segment_sum(flat_up, positions,
+                                        tf.shape(unique_ids)[0])
+    table = layer._table
+    codes_var = _keras.tf_variable(layer.codes)
+    steps_var = _keras.tf_variable(layer.step_sizes)
+    slots = optimizer._slots[0]
+    acc_var = _keras.tf_variable(slots["accumulator"])
+    step_acc_var = _keras.tf_variable(slots["step_accumulator"])
+    packed_var = tf.Variable(tf.zeros([rows, dim * 8 // 32], tf.int32))
+
+    def row_math(codes, step_size, acc, step_acc, g):
+        w = quantizers.dequantize(codes, step_size)
+        inc = tf.reduce_mean(tf.square(g), axis=-1, keepdims=True)
+        a = acc + inc
+        w2 = w - 0.01 * g / (tf.sqrt(a) + 1e-8)
+        sg = quantizers.lsq_step_size_gradient(w2, step_size, g, 8, dim)
+        b = step_acc + inc
+        new_step = step_size * (1.0 - 0.03 * sg / (tf.sqrt(b) + 1e-12))
+        noise = quantizers.hash_uniform(0, table.salt, tf.constant(
+            0, tf.int64), unique_ids, dim)
+        return quantizers.quantize(w2, new_step, 8, "stochastic",
+                                   noise), new_step, inc
+
+    pieces = {}
+
+    @tf.function
+    def full_step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(ids, training=True) * upstream)
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
+        return loss
+    pieces["full_step"] = full_step
+
+    @tf.function
+    def forward_backward():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(ids, training=True) * upstream)
+        return tape.gradient(loss, variables)[0].values
+    pieces["forward_backward"] = forward_backward
+
+    @tf.function
+    def apply():
+        optimizer.apply_gradients([(grad, variables[0])])
+        return tf.constant(0)
+    pieces["apply"] = apply
+
+    @tf.function
+    def id_check():
+        return layer._to_ids(flat)
+    pieces["id_check"] = id_check
+
+    @tf.function
+    def gather_dequantize():
+        return quantizers.dequantize(table.storage.read_rows(flat),
+                                     table.read_step_sizes(flat))
+    pieces["gather_dequantize"] = gather_dequantize
+
+    @tf.function
+    def unique():
+        return tf.unique(flat)
+    pieces["unique"] = unique
+
+    @tf.function
+    def segment_sum():
+        return tf.math.unsorted_segment_sum(flat_up, positions,
+                                            tf.shape(unique_ids)[0])
+    pieces["segment_sum"] = segment_sum
+
+    @tf.function
+    def sorted_segment_sum():
+        order = tf.argsort(flat, stable=True)
+        sorted_ids = tf.gather(flat, order)
+        starts = tf.concat([[True], sorted_ids[1:] != sorted_ids[:-1]], 0)
+        segments = tf.cumsum(tf.cast(starts, tf.int32)) - 1
+        return tf.math.segment_sum(tf.gather(flat_up, order), segments)
+    pieces["sorted_segment_sum"] = sorted_segment_sum
+
+    @tf.function
+    def gather_rows():
+        return (table.storage.read_rows(unique_ids),
+                table.read_step_sizes(unique_ids),
+                tf.nn.embedding_lookup(acc_var, unique_ids),
+                tf.nn.embedding_lookup(step_acc_var, unique_ids))
+    pieces["gather_rows"] = gather_rows
+    gathered = gather_rows()
+
+    @tf.function
+    def row_math_piece():
+        return row_math(*gathered, sums)
+    pieces["row_math"] = row_math_piece
+    new_codes, new_step, inc = row_math_piece()
+
+    @tf.function
+    def hash_noise():
+        return quantizers.hash_uniform(0, table.salt, tf.constant(
+            0, tf.int64), unique_ids, dim)
+    pieces["hash_noise"] = hash_noise
+
+    @tf.function
+    def scatter_writes():
+        codes_var.scatter_update(tf.IndexedSlices(
+            tf.cast(new_codes, tf.int8), unique_ids))
+        steps_var.scatter_update(tf.IndexedSlices(new_step, unique_ids))
+        acc_var.scatter_add(tf.IndexedSlices(inc, unique_ids))
+        step_acc_var.scatter_add(tf.IndexedSlices(inc, unique_ids))
+        return tf.constant(0)
+    pieces["scatter_writes"] = scatter_writes
+
+    @tf.function
+    def scatter_packed():
+        packed_var.scatter_update(tf.IndexedSlices(
+            pack_codes(new_codes, 8), unique_ids))
+        return tf.constant(0)
+    pieces["scatter_packed"] = scatter_packed
+
+    @tf.function
+    def raw_chain():
+        uids, pos = tf.unique(flat)
+        g = tf.math.unsorted_segment_sum(flat_up, pos, tf.shape(uids)[0])
+        codes = tf.cast(tf.gather(codes_var, uids), tf.int32)
+        step_size = tf.gather(steps_var, uids)
+        acc = tf.gather(acc_var, uids)
+        step_acc = tf.gather(step_acc_var, uids)
+        c, s, i = row_math(codes, step_size, acc, step_acc, g)
+        codes_var.scatter_update(tf.IndexedSlices(tf.cast(c, tf.int8), uids))
+        steps_var.scatter_update(tf.IndexedSlices(s, uids))
+        acc_var.scatter_add(tf.IndexedSlices(i, uids))
+        step_acc_var.scatter_add(tf.IndexedSlices(i, uids))
+        return tf.constant(0)
+    pieces["raw_chain"] = raw_chain
+    return pieces, int(unique_ids.shape[0])
+
+
+def measure(pieces, steps, warmup, rounds):
+    for piece in pieces.values():
+        for _ in range(warmup):
+            tf.nest.map_structure(lambda t: t.numpy(), piece())
+    times = {name: [] for name in pieces}
+    for _ in range(rounds):
+        for name, piece in pieces.items():
+            for _ in range(steps):
+                start = time.perf_counter()
+                tf.nest.map_structure(lambda t: t.numpy(), piece())
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=2**20)
+    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--features", type=int, default=26)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--output", default=default_output("profile_step"))
+    parser.add_argument("--tiny", action="store_true",
+                        help="seconds-long smoke run (CI)")
+    args = parser.parse_args()
+    if args.tiny:
+        args.rows, args.batch, args.steps, args.rounds = 2**12, 256, 2, 1
+        args.warmup = 1
+    ids = np.random.default_rng(0).zipf(
+        1.2, size=(args.batch, args.features)) % args.rows
+    pieces, unique = build_pieces(args.rows, args.dim, ids)
+    medians = measure(pieces, args.steps, args.warmup, args.rounds)
+    full = medians["full_step"]
+    print(f"V={args.rows} D={args.dim} batch={args.batch}x{args.features} "
+          f"({unique} unique ids), "
+          f"{'Keras 3' if _keras.IS_KERAS_3 else 'tf_keras'}, median of "
+          f"{args.steps * args.rounds} runs per piece, interleaved")
+    print(f"{'piece':<20}{'ms':>9}{'of full step':>14}")
+    results = []
+    for name, seconds in medians.items():
+        share = seconds / full
+        results.append({"piece": name, "median_seconds": seconds,
+                        "share_of_full_step": share})
+        print(f"{name:<20}{1000 * seconds:>9.2f}{share:>13.0%}")
+    overhead = medians["apply"] - medians["raw_chain"]
+    print(f"Keras/wrapper overhead of apply (apply - raw_chain): "
+          f"{1000 * overhead:.2f} ms")
+    write_report(args.output, {
+        "benchmark": "profile_step", "config": vars(args),
+        "unique_ids_per_step": unique, "machine": machine_info(),
+        "results": results, "apply_overhead_seconds": overhead})
+
+
+if __name__ == "__main__":
+    main()
