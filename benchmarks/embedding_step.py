@@ -89,7 +89,7 @@ def table_and_state_bytes(step):
     state (the optimizers' scalar counters aside)."""
     variables = [v for v in step.layer.weights if len(v.shape) == 2] + [
         v for v in step.optimizer.variables if len(v.shape) == 2]
-    return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize
+    return int(sum(np.prod(v.shape) * tf.as_dtype(v.dtype).size
                    for v in variables))
 
 

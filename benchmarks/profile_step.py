@@ -18,7 +18,12 @@ rounds) in one process:
 - alternatives: `sorted_segment_sum` (sort ids, then `segment_sum`, instead
   of `unique` + `unsorted_segment_sum`), `scatter_packed` (codes written as
   packed int32 words instead of int8), `raw_chain` (the whole update as one
-  graph of stock ops without the Keras optimizer machinery).
+  graph of stock ops without the Keras optimizer machinery), and a fused
+  custom training kernel (`fused_op/alpt_row_update.cc`, built here with g++
+  against TF's headers; it is not part of the library, whose training and
+  serving use stock ops only): `fused_row_math` replaces `row_math`, and
+  `fused_chain` is `raw_chain` with it. Its codes are compared with the
+  stock ops' on the same inputs.
 
     python benchmarks/profile_step.py          # full (~2 min)
     python benchmarks/profile_step.py --tiny   # smoke run for CI
@@ -28,6 +33,9 @@ Prints a table (median ms per piece, share of `full_step`) and writes JSON
 """
 
 import argparse
+import hashlib
+import os
+import subprocess
 import time
 
 import numpy as np
@@ -40,7 +48,34 @@ from alpt_keras.table import pack_codes
 keras = _keras.keras
 
 
-def build_pieces(rows, dim, ids_np):
+def build_fused_op():
+    """Compiles the fused kernel (cached by source hash); returns the op
+    module, or None and the reason."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "fused_op", "alpt_row_update.cc")
+    with open(source, "rb") as f:
+        digest = hashlib.sha256(f.read() + tf.__version__.encode())
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "alpt_keras",
+                         "fused_op")
+    library = os.path.join(cache, f"{digest.hexdigest()[:16]}.so")
+    if not os.path.exists(library):
+        os.makedirs(cache, exist_ok=True)
+        command = (["g++", "-std=c++17", "-shared", "-fPIC", "-O2", "-w",
+                    source, "-o", library + ".tmp"]
+                   + tf.sysconfig.get_compile_flags()
+                   + tf.sysconfig.get_link_flags())
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True,
+                                  timeout=600)
+        except OSError as error:
+            return None, f"g++ not available: {error}"
+        if proc.returncode != 0:
+            return None, "build failed: " + proc.stderr[-500:]
+        os.replace(library + ".tmp", library)
+    return tf.load_op_library(library), None
+
+
+def build_pieces(rows, dim, ids_np, fused_op=None):
     layer = ALPTEmbedding(rows, dim, seed=0, name="table")
     optimizer = ALPTOptimizer(keras.optimizers.SGD())
     ids = tf.constant(ids_np)
@@ -185,7 +220,44 @@ def build_pieces(rows, dim, ids_np):
         step_acc_var.scatter_add(tf.IndexedSlices(i, uids))
         return tf.constant(0)
     pieces["raw_chain"] = raw_chain
-    return pieces, int(unique_ids.shape[0])
+    check = {}
+    if fused_op is None:
+        return pieces, int(unique_ids.shape[0]), check
+
+    def fused_math(codes, step_size, acc, step_acc, g, uids):
+        u = quantizers._uint32
+        key = quantizers._mix32(tf.bitwise.bitwise_xor(
+            quantizers._mix32(u(0)), u(table.salt)))
+        key = quantizers._mix32(tf.bitwise.bitwise_xor(key, u(0)))
+        return fused_op.alpt_row_update(
+            codes, step_size, acc, step_acc, g, uids, key, num_bits=8,
+            learning_rate=0.01, step_size_learning_rate=0.03, epsilon=1e-8,
+            step_size_epsilon=1e-12, min_step_size=0.0)
+
+    @tf.function
+    def fused_row_math():
+        return fused_math(*gathered, sums, unique_ids)
+    pieces["fused_row_math"] = fused_row_math
+    fused_codes = fused_row_math()[0]
+    check["fused_codes_differ"] = int(tf.reduce_sum(tf.cast(
+        fused_codes != new_codes, tf.int32)))
+    check["codes_compared"] = int(tf.size(new_codes))
+
+    @tf.function
+    def fused_chain():
+        uids, pos = tf.unique(flat)
+        g = tf.math.unsorted_segment_sum(flat_up, pos, tf.shape(uids)[0])
+        c, s, i = fused_math(
+            tf.cast(tf.gather(codes_var, uids), tf.int32),
+            tf.gather(steps_var, uids), tf.gather(acc_var, uids),
+            tf.gather(step_acc_var, uids), g, uids)
+        codes_var.scatter_update(tf.IndexedSlices(tf.cast(c, tf.int8), uids))
+        steps_var.scatter_update(tf.IndexedSlices(s, uids))
+        acc_var.scatter_add(tf.IndexedSlices(i, uids))
+        step_acc_var.scatter_add(tf.IndexedSlices(i, uids))
+        return tf.constant(0)
+    pieces["fused_chain"] = fused_chain
+    return pieces, int(unique_ids.shape[0]), check
 
 
 def measure(pieces, steps, warmup, rounds):
@@ -211,6 +283,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-fused", action="store_true",
+                        help="skip building the fused custom kernel")
     parser.add_argument("--output", default=default_output("profile_step"))
     parser.add_argument("--tiny", action="store_true",
                         help="seconds-long smoke run (CI)")
@@ -220,7 +294,9 @@ def main():
         args.warmup = 1
     ids = np.random.default_rng(0).zipf(
         1.2, size=(args.batch, args.features)) % args.rows
-    pieces, unique = build_pieces(args.rows, args.dim, ids)
+    fused_op, fused_error = (None, "--no-fused") if args.no_fused else \
+        build_fused_op()
+    pieces, unique, check = build_pieces(args.rows, args.dim, ids, fused_op)
     medians = measure(pieces, args.steps, args.warmup, args.rounds)
     full = medians["full_step"]
     print(f"V={args.rows} D={args.dim} batch={args.batch}x{args.features} "
@@ -237,10 +313,17 @@ def main():
     overhead = medians["apply"] - medians["raw_chain"]
     print(f"Keras/wrapper overhead of apply (apply - raw_chain): "
           f"{1000 * overhead:.2f} ms")
+    if fused_op is None:
+        print(f"fused kernel not measured: {fused_error}")
+    else:
+        print(f"fused kernel: {check['fused_codes_differ']} of "
+              f"{check['codes_compared']} codes differ from the stock ops'")
     write_report(args.output, {
         "benchmark": "profile_step", "config": vars(args),
         "unique_ids_per_step": unique, "machine": machine_info(),
-        "results": results, "apply_overhead_seconds": overhead})
+        "results": results, "apply_overhead_seconds": overhead,
+        "fused_kernel": check if fused_op is not None else
+        {"error": fused_error}})
 
 
 if __name__ == "__main__":

@@ -90,3 +90,18 @@ def test_tiny_matrix_writes_json_and_plot(tmp_path):
         "alpt8", "2-bit mean AUC"}
     with open(tmp_path / "accuracy.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bootstrap_interval_includes_seed_noise(accuracy):
+    """Two seeds that disagree (one better, one worse than the base) give an
+    interval spanning both; one seed alone would not."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 4000)
+    base = rng.random(4000) + 0.5 * labels
+    better, worse = base + 0.3 * labels, base - 0.2 * labels
+    both = accuracy.paired_bootstrap(labels, [better, worse], [base, base],
+                                     400, seed=0)
+    low, high = both["d_auc_ci"]
+    assert low < 0 < high
+    alone = accuracy.paired_bootstrap(labels, [better], [base], 400, seed=0)
+    assert alone["d_auc_ci"][0] > 0
