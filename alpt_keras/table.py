@@ -182,42 +182,40 @@ class PackedStorage:
                             self.num_bits, self.output_dim)
 
 
-# ------------------------------------------------ two-pass step-size pass
-_PASS_SCOPE = threading.local()
+# ------------------------------------------------- thread-local scopes
+_SCOPE = threading.local()
 
 
 @contextlib.contextmanager
+def _scoped(name, value):
+    """Sets the thread-local `name` to `value` inside (nests, restores)."""
+    previous = getattr(_SCOPE, name, None)
+    setattr(_SCOPE, name, value)
+    try:
+        yield
+    finally:
+        setattr(_SCOPE, name, previous)
+
+
 def step_size_pass():
     """Inside, inference-mode lookups (`training=False`) still carry their
     row gradients: the second pass of a two-pass ALPT step runs the model
     in inference mode but needs `∂L/∂e` for the step sizes."""
-    previous = getattr(_PASS_SCOPE, "active", False)
-    _PASS_SCOPE.active = True
-    try:
-        yield
-    finally:
-        _PASS_SCOPE.active = previous
+    return _scoped("step_size_pass", True)
 
 
 def in_step_size_pass():
-    return getattr(_PASS_SCOPE, "active", False)
+    return bool(getattr(_SCOPE, "step_size_pass", None))
 
 
-# ---------------------------------------------------------------- sharding
-_ROW_SCOPE = threading.local()
-
-
-@contextlib.contextmanager
 def row_variables(num_rows):
     """Marks variables created inside as row-indexed by a table of
     `num_rows` rows (codes, per-row Δ, per-row optimizer state), for
     `RowPartitioner`."""
-    previous = getattr(_ROW_SCOPE, "rows", None)
-    _ROW_SCOPE.rows = num_rows
-    try:
-        yield
-    finally:
-        _ROW_SCOPE.rows = previous
+    return _scoped("rows", num_rows)
+
+
+# ---------------------------------------------------------------- sharding
 
 
 class RowPartitioner(tf.distribute.experimental.partitioners.Partitioner):
@@ -252,7 +250,7 @@ class RowPartitioner(tf.distribute.experimental.partitioners.Partitioner):
     def __call__(self, shape, dtype, axis=0):
         shape = tf.TensorShape(shape)
         partitions = [1] * shape.rank
-        rows = getattr(_ROW_SCOPE, "rows", None)
+        rows = getattr(_SCOPE, "rows", None)
         if rows is None or shape.rank == 0 or axis != 0 or \
                 shape[0] != rows:
             return partitions

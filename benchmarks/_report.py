@@ -4,6 +4,7 @@ import json
 import os
 import platform
 
+import numpy as np
 import tensorflow as tf
 
 from alpt_keras import _keras
@@ -26,3 +27,21 @@ def write_report(path, report):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {path}")
+
+
+def add_workload_arguments(parser, rows=2**20):
+    """The embedding workload of issue 6: a table of `--rows` x `--dim`,
+    batches of `--batch` examples x `--features` ids (`rows=None`: the
+    script chooses the table sizes itself)."""
+    if rows is not None:
+        parser.add_argument("--rows", type=int, default=rows)
+    parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--features", type=int, default=26)
+
+
+def workload_ids(batch, features, rows, count=1):
+    """`numpy.random.default_rng(0).zipf(1.2, size=(count * batch,
+    features)) % rows`: the workload's ids, the same in every script."""
+    return np.random.default_rng(0).zipf(
+        1.2, size=(count * batch, features)) % rows

@@ -36,7 +36,13 @@ import time
 
 import numpy as np
 import tensorflow as tf
-from _report import default_output, machine_info, write_report
+from _report import (
+    add_workload_arguments,
+    default_output,
+    machine_info,
+    workload_ids,
+    write_report,
+)
 
 from alpt_keras import ALPTEmbedding, ALPTOptimizer, _keras
 
@@ -156,10 +162,7 @@ def measure_all(names, ids, rows, dim, steps, warmup, rounds,
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=2**20)
-    parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--features", type=int, default=26)
+    add_workload_arguments(parser)
     parser.add_argument("--steps", type=int, default=5,
                         help="steps per setup per round")
     parser.add_argument("--rounds", type=int, default=8)
@@ -177,8 +180,7 @@ def main():
     if args.tiny:
         args.rows, args.batch, args.steps, args.warmup = 2**12, 256, 3, 1
         args.rounds = 1
-    ids = np.random.default_rng(0).zipf(
-        1.2, size=(args.batch, args.features)) % args.rows
+    ids = workload_ids(args.batch, args.features, args.rows)
     results, peer = measure_all(args.setups, ids, args.rows, args.dim,
                                 args.steps, args.warmup, args.rounds,
                                 args.peer_python)

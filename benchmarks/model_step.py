@@ -29,7 +29,13 @@ import time
 
 import numpy as np
 import tensorflow as tf
-from _report import default_output, machine_info, write_report
+from _report import (
+    add_workload_arguments,
+    default_output,
+    machine_info,
+    workload_ids,
+    write_report,
+)
 
 from alpt_keras import ALPTEmbedding, ALPTOptimizer, _keras, two_pass
 
@@ -77,9 +83,9 @@ class _BatchTimes(keras.callbacks.Callback):
 
 
 def measure(names, rows, dim, fields, batch, steps, warmup, rounds):
-    rng = np.random.default_rng(0)
-    ids = rng.zipf(1.2, size=(batch * 4, fields)) % rows
-    labels = rng.integers(0, 2, size=(batch * 4, 1)).astype(np.float32)
+    ids = workload_ids(batch, fields, rows, count=4)
+    labels = np.random.default_rng(1).integers(
+        0, 2, size=(batch * 4, 1)).astype(np.float32)
     data = tf.data.Dataset.from_tensor_slices((ids, labels)).batch(
         batch).repeat().prefetch(2)
     models = {name: build(name, rows, dim, fields) for name in names}
@@ -105,10 +111,7 @@ def measure(names, rows, dim, fields, batch, steps, warmup, rounds):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=2**22)
-    parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--fields", type=int, default=26)
+    add_workload_arguments(parser, rows=2**22)
     parser.add_argument("--steps", type=int, default=5,
                         help="steps per setup per round")
     parser.add_argument("--rounds", type=int, default=6)
@@ -122,7 +125,7 @@ def main():
     if args.tiny:
         args.rows, args.batch, args.steps, args.warmup = 2**12, 256, 2, 1
         args.rounds = 1
-    results, unique = measure(args.setups, args.rows, args.dim, args.fields,
+    results, unique = measure(args.setups, args.rows, args.dim, args.features,
                               args.batch, args.steps, args.warmup,
                               args.rounds)
     by_name = {r["setup"]: r for r in results}
@@ -130,7 +133,7 @@ def main():
     fastest = max(float32, key=lambda r: r["examples_per_second"],
                   default=None)
     adam = by_name.get("float32_adam")
-    print(f"V={args.rows} D={args.dim} batch={args.batch}x{args.fields} "
+    print(f"V={args.rows} D={args.dim} batch={args.batch}x{args.features} "
           f"(~{unique} unique ids/step), MLP 256-128, "
           f"{'Keras 3' if _keras.IS_KERAS_3 else 'tf_keras'}, median of "
           f"{args.steps * args.rounds} steps, setups interleaved")

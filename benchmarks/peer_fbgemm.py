@@ -93,6 +93,8 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # `_report.workload_ids`, restated: the peer's environment has no
+    # TensorFlow, which `_report` imports.
     ids = np.random.default_rng(0).zipf(
         1.2, size=(args.batch, args.features)) % args.rows
     import fbgemm_gpu

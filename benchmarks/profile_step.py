@@ -40,7 +40,13 @@ import time
 
 import numpy as np
 import tensorflow as tf
-from _report import default_output, machine_info, write_report
+from _report import (
+    add_workload_arguments,
+    default_output,
+    machine_info,
+    workload_ids,
+    write_report,
+)
 
 from alpt_keras import ALPTEmbedding, ALPTOptimizer, _keras, quantizers
 from alpt_keras.table import pack_codes
@@ -276,10 +282,7 @@ def measure(pieces, steps, warmup, rounds):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=2**20)
-    parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--features", type=int, default=26)
+    add_workload_arguments(parser)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
@@ -292,8 +295,7 @@ def main():
     if args.tiny:
         args.rows, args.batch, args.steps, args.rounds = 2**12, 256, 2, 1
         args.warmup = 1
-    ids = np.random.default_rng(0).zipf(
-        1.2, size=(args.batch, args.features)) % args.rows
+    ids = workload_ids(args.batch, args.features, args.rows)
     fused_op, fused_error = (None, "--no-fused") if args.no_fused else \
         build_fused_op()
     pieces, unique, check = build_pieces(args.rows, args.dim, ids, fused_op)

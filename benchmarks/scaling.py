@@ -19,7 +19,13 @@ import logging
 
 import numpy as np
 import tensorflow as tf
-from _report import default_output, machine_info, write_report
+from _report import (
+    add_workload_arguments,
+    default_output,
+    machine_info,
+    workload_ids,
+    write_report,
+)
 from embedding_step import measure_all
 
 from alpt_keras import _keras
@@ -31,9 +37,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--log2-rows", type=int, nargs="+",
                         default=[16, 18, 20, 22, 24])
-    parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=4096)
-    parser.add_argument("--features", type=int, default=26)
+    add_workload_arguments(parser, rows=None)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
@@ -56,8 +60,7 @@ def main():
         f"{s + ' MB':>18}" for s in args.setups))
     for log2 in args.log2_rows:
         rows = 2**log2
-        ids = np.random.default_rng(0).zipf(
-            1.2, size=(args.batch, args.features)) % rows
+        ids = workload_ids(args.batch, args.features, rows)
         measured, _ = measure_all(args.setups, ids, rows, args.dim,
                                   args.steps, args.warmup, args.rounds)
         row = {"rows": rows, "unique_ids_per_step": int(len(np.unique(ids))),
