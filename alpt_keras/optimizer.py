@@ -99,10 +99,6 @@ class _TwoPassState:
         # Inside `two_pass_step()`: per thread, since MirroredStrategy runs
         # each replica's step in its own thread.
         self.local = threading.local()
-        # Set in replica context, read by the merge function (which may run
-        # in another thread): the same for every replica.
-        self.carriers = []
-        self.aggregate = True
         # The first pass's rows (set and read in cross-replica context).
         self.pending = None
 
@@ -545,20 +541,21 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
             )
         tables = [table for table, _, _ in table_grads]
         slices = self._table_slices([(t, g) for t, g, _ in table_grads])
-        self._two_pass.carriers = [v for _, _, v in table_grads]
-        self._two_pass.aggregate = aggregate
+        carriers = [v for _, _, v in table_grads] if two_pass else None
         update = functools.partial(
-            self._update_tables, tables, count_step, two_pass)
+            self._update_tables, tables, count_step, carriers, aggregate)
         return self._in_cross_replica(update, slices, aggregate)
 
-    def _update_tables(self, tables, count_step, two_pass, strategy, flat):
+    def _update_tables(self, tables, count_step, carriers, aggregate,
+                       strategy, flat):
         """Cross-replica: computes every table's new rows once, writes them.
 
         Computing once and writing the same tensors to every copy keeps the
         replicas bit-identical even where a kernel (GPU segment sums) is not
-        deterministic. In a two-pass step, tables that learn Δ get their
-        optimizer state and deterministically rounded codes `Q_D(w'; Δ)`
-        now (what the second pass reads); their Δ and final codes wait for
+        deterministic. In a two-pass step (`carriers`: the tables'
+        gradient carriers), tables that learn Δ get their optimizer state
+        and deterministically rounded codes `Q_D(w'; Δ)` now (what the
+        second pass reads); their Δ and final codes wait for
         `apply_step_size_gradients`.
         """
         rows, finite = [], tf.constant(True)
@@ -581,14 +578,14 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
             table = row["table"]
             row["slots"] = self._slots[self._tables.index(table)]
             writes.extend(self._row_step(row, step, finite))
-            if two_pass and table.learn_step_size:
+            if carriers is not None and table.learn_step_size:
                 fake_quantized = quantizers.quantize(
                     row["new_weights"], row["step_size"], table.num_bits,
                     "deterministic")
                 writes.append(table.storage.write_rows(
                     row["unique_ids"],
                     tf.where(finite, fake_quantized, row["codes"])))
-                row["carrier"] = self._two_pass.carriers[tables.index(table)]
+                row["carrier"] = carriers[tables.index(table)]
                 pending.append(row)
             else:
                 writes.extend(self._step_size_and_codes(
@@ -596,7 +593,7 @@ class ALPTOptimizer(keras.optimizers.Optimizer):
         if pending:
             self._two_pass.pending = dict(
                 rows=pending, finite=finite, step=step,
-                count_step=count_step, aggregate=self._two_pass.aggregate)
+                count_step=count_step, aggregate=aggregate)
             return tf.group(writes)
         return self._count_step(writes, finite, count_step)
 
