@@ -314,7 +314,7 @@ class ALPTEmbedding(keras.layers.Layer):
 
     def _quantize_table(self, table, step, rounding):
         """Stored codes (int8 or packed) of a whole float table, in blocks
-        of rows: the int64 noise and float temporaries of one block, not of
+        of rows: the noise and float temporaries of one block, not of
         the table, bound the peak memory (a 2^22 x 16 table would otherwise
         need GBs of transients). Bitwise the same as one pass: every code
         depends only on its own weight, Δ and (row, column) noise."""

@@ -101,6 +101,13 @@ def _fold64(key, value):
         key, low)), high))
 
 
+def hash_key(seed, salt, step):
+    """The uint32 scalar key of (seed, salt, step) that `hash_uniform`
+    mixes with row ids and columns (each argument: 32 bits used)."""
+    key = _mix32(tf.bitwise.bitwise_xor(_mix32(_uint32(seed)), _uint32(salt)))
+    return _mix32(tf.bitwise.bitwise_xor(key, _uint32(step)))
+
+
 def hash_uniform(seed, salt, step, row_ids, num_columns):
     """Uniform noise in [0, 1) as a pure function of its integer key.
 
@@ -115,9 +122,7 @@ def hash_uniform(seed, salt, step, row_ids, num_columns):
         float32 tensor of shape `[U, D]` on the grid `k / 2^24`, so every
         value is exact in float32 and `P(u < r) = r` up to `2^-24`.
     """
-    key = _mix32(tf.bitwise.bitwise_xor(_mix32(_uint32(seed)), _uint32(salt)))
-    key = _mix32(tf.bitwise.bitwise_xor(key, _uint32(step)))
-    row_keys = _fold64(key, row_ids)  # (U,)
+    row_keys = _fold64(hash_key(seed, salt, step), row_ids)  # (U,)
     columns = tf.range(num_columns, dtype=tf.int64)
     column_keys = _mix32(_uint32((columns + 1) * _COLUMN_MUL))  # (D,)
     bits = _mix32(

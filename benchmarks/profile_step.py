@@ -231,10 +231,7 @@ def build_pieces(rows, dim, ids_np, fused_op=None):
         return pieces, int(unique_ids.shape[0]), check
 
     def fused_math(codes, step_size, acc, step_acc, g, uids):
-        u = quantizers._uint32
-        key = quantizers._mix32(tf.bitwise.bitwise_xor(
-            quantizers._mix32(u(0)), u(table.salt)))
-        key = quantizers._mix32(tf.bitwise.bitwise_xor(key, u(0)))
+        key = quantizers.hash_key(0, table.salt, 0)
         return fused_op.alpt_row_update(
             codes, step_size, acc, step_acc, g, uids, key, num_bits=8,
             learning_rate=0.01, step_size_learning_rate=0.03, epsilon=1e-8,
