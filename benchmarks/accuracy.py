@@ -46,6 +46,7 @@ from alpt_keras import ALPTOptimizer, _keras, two_pass
 from alpt_keras.cli import synthetic_data
 from alpt_keras.models.ctr_models import build_ctr_model
 from alpt_keras.models.features import simple_features
+from alpt_keras.models.metrics import auc, logloss
 
 keras = _keras.keras
 METHODS = ("float32", "lpt_dr", "lpt_sr", "alpt", "alpt_2pass")
@@ -85,28 +86,6 @@ def load_dataset(name, args):
 
 
 # --------------------------------------------------------------- metrics
-def auc(labels, scores):
-    """Rank-sum AUC (ties get average ranks)."""
-    labels = np.asarray(labels).astype(bool)
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = np.asarray(scores)[order]
-    ranks = np.empty(len(scores), np.float64)
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_scores)) + 1]
-    ends = np.r_[starts[1:], len(scores)]
-    average = (starts + ends + 1) / 2.0
-    ranks[order] = np.repeat(average, ends - starts)
-    positives = labels.sum()
-    negatives = len(labels) - positives
-    return float((ranks[labels].sum() - positives * (positives + 1) / 2)
-                 / (positives * negatives))
-
-
-def logloss(labels, scores):
-    p = np.clip(np.asarray(scores, np.float64), 1e-7, 1 - 1e-7)
-    y = np.asarray(labels, np.float64)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
 def _weighted_auc(labels, scores, weights):
     """AUC of each row of `weights` ([R, n] example counts), by sorting
     once: for each positive, the weight of negatives scored below it (ties

@@ -10,6 +10,8 @@ import dataclasses
 
 import numpy as np
 
+from alpt_keras.models.metrics import auc, logloss
+
 
 @dataclasses.dataclass
 class SyntheticCTR:
@@ -25,25 +27,8 @@ class SyntheticCTR:
 
         AUC by the rank-sum formula (ties get average ranks).
         """
-        p = self.probabilities.astype(np.float64)
-        y = self.labels.astype(bool)
-        positives, negatives = int(y.sum()), int((~y).sum())
-        eps = 1e-7
-        logloss = float(-np.mean(np.where(y, np.log(np.clip(p, eps, 1)),
-                                          np.log(np.clip(1 - p, eps, 1)))))
-        if positives == 0 or negatives == 0:
-            return {"auc": float("nan"), "logloss": logloss}
-        order = np.argsort(p, kind="mergesort")
-        ranks = np.empty(len(p), dtype=np.float64)
-        sorted_p = p[order]
-        # Average ranks over ties.
-        starts = np.r_[0, np.flatnonzero(np.diff(sorted_p)) + 1]
-        ends = np.r_[starts[1:], len(p)]
-        for start, end in zip(starts, ends, strict=True):
-            ranks[order[start:end]] = (start + end + 1) / 2.0
-        auc = (ranks[y].sum() - positives * (positives + 1) / 2) / (
-            positives * negatives)
-        return {"auc": float(auc), "logloss": logloss}
+        return {"auc": auc(self.labels, self.probabilities),
+                "logloss": logloss(self.labels, self.probabilities)}
 
     def features(self, names=None):
         """The ids as a dict `f0, f1, ...` (or `names`) -> int64 `[N]`."""

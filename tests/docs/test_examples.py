@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import alpt_keras
 from alpt_keras import _keras, callbacks, embedding, optimizer, quantizers
-from alpt_keras.models import criteo, feature_embedding, layers
+from alpt_keras.models import criteo, feature_embedding, layers, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -59,7 +59,7 @@ def test_readme_block_runs(index, tmp_path):
 
 @pytest.mark.parametrize("module",
                          [quantizers, embedding, optimizer, callbacks,
-                          feature_embedding, layers, criteo])
+                          feature_embedding, layers, criteo, metrics])
 def test_docstring_examples(module):
     result = doctest.testmod(
         module, extraglobs={"tf": tf, "keras": _keras.keras},
