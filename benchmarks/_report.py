@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -45,3 +46,28 @@ def workload_ids(batch, features, rows, count=1):
     features)) % rows`: the workload's ids, the same in every script."""
     return np.random.default_rng(0).zipf(
         1.2, size=(count * batch, features)) % rows
+
+
+def interleaved_times(functions, steps, warmup, rounds, after_round=None):
+    """Seconds per call of each function in `functions` (name -> callable
+    returning tensors): after `warmup` calls each, the functions take turns,
+    `steps` calls per turn for `rounds` rounds, so drifting machine load
+    hits all of them alike. `after_round(round_index, times)` may add its
+    own entries (e.g. an out-of-process peer's turn)."""
+
+    def call(function):
+        tf.nest.map_structure(lambda t: t.numpy(), function())  # wait
+
+    for function in functions.values():
+        for _ in range(warmup):
+            call(function)
+    times = {name: [] for name in functions}
+    for round_index in range(rounds):
+        for name, function in functions.items():
+            for _ in range(steps):
+                start = time.perf_counter()
+                call(function)
+                times[name].append(time.perf_counter() - start)
+        if after_round is not None:
+            after_round(round_index, times)
+    return times

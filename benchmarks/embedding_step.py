@@ -32,13 +32,13 @@ import json
 import os
 import subprocess
 import tempfile
-import time
 
 import numpy as np
 import tensorflow as tf
 from _report import (
     add_workload_arguments,
     default_output,
+    interleaved_times,
     machine_info,
     workload_ids,
     write_report,
@@ -122,28 +122,23 @@ def measure_all(names, ids, rows, dim, steps, warmup, rounds,
     steps per turn for `rounds` rounds, so drifting machine load hits all
     of them alike (the peer, if any, takes its turn in each round)."""
     steps_fn = {name: make_step(name, ids, rows, dim) for name in names}
-    for step in steps_fn.values():
-        for _ in range(warmup):
-            step()
-    times = {name: [] for name in names}
-    peer_info, unsupported = None, {}
-    for round_index in range(rounds):
-        for name, step in steps_fn.items():
-            for _ in range(steps):
-                start = time.perf_counter()
-                step().numpy()  # wait for the step to finish
-                times[name].append(time.perf_counter() - start)
-        if peer_python:
-            precisions = ["FP32", "FP16"] + (
-                ["INT8"] if round_index == 0 else [])
-            peer_info, peer = _peer_turn(
-                peer_python, rows, dim, ids.shape[0], ids.shape[1], steps,
-                warmup, precisions)
-            for setup, r in peer.items():
-                if r["supported"]:
-                    times.setdefault(setup, []).extend(r["step_seconds"])
-                else:
-                    unsupported[setup] = r["error"]
+    peer_info, unsupported = {}, {}
+
+    def peer_turn(round_index, times):
+        precisions = ["FP32", "FP16"] + (["INT8"] if round_index == 0
+                                         else [])
+        report, peer = _peer_turn(
+            peer_python, rows, dim, ids.shape[0], ids.shape[1], steps,
+            warmup, precisions)
+        peer_info.update(report)
+        for setup, r in peer.items():
+            if r["supported"]:
+                times.setdefault(setup, []).extend(r["step_seconds"])
+            else:
+                unsupported[setup] = r["error"]
+
+    times = interleaved_times(steps_fn, steps, warmup, rounds,
+                              peer_turn if peer_python else None)
     results = []
     for name in times:
         median = float(np.median(times[name]))
@@ -154,9 +149,10 @@ def measure_all(names, ids, rows, dim, steps, warmup, rounds,
             "steps": len(times[name]),
             "table_and_state_bytes": table_and_state_bytes(steps_fn[name])
             if name in steps_fn else None})
-    if peer_python:
-        peer_info = {k: v for k, v in peer_info.items() if k != "results"}
-        peer_info["unsupported"] = unsupported
+    if not peer_python:
+        return results, None
+    peer_info = {k: v for k, v in peer_info.items() if k != "results"}
+    peer_info["unsupported"] = unsupported
     return results, peer_info
 
 

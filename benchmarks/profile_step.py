@@ -36,13 +36,13 @@ import argparse
 import hashlib
 import os
 import subprocess
-import time
 
 import numpy as np
 import tensorflow as tf
 from _report import (
     add_workload_arguments,
     default_output,
+    interleaved_times,
     machine_info,
     workload_ids,
     write_report,
@@ -105,7 +105,7 @@ def build_pieces(rows, dim, ids_np, fused_op=None):
     step_acc_var = _keras.tf_variable(slots["step_accumulator"])
     packed_var = tf.Variable(tf.zeros([rows, dim * 8 // 32], tf.int32))
 
-    def row_math(codes, step_size, acc, step_acc, g):
+    def row_math(codes, step_size, acc, step_acc, g, uids):
         w = quantizers.dequantize(codes, step_size)
         inc = tf.reduce_mean(tf.square(g), axis=-1, keepdims=True)
         a = acc + inc
@@ -114,9 +114,31 @@ def build_pieces(rows, dim, ids_np, fused_op=None):
         b = step_acc + inc
         new_step = step_size * (1.0 - 0.03 * sg / (tf.sqrt(b) + 1e-12))
         noise = quantizers.hash_uniform(0, table.salt, tf.constant(
-            0, tf.int64), unique_ids, dim)
+            0, tf.int64), uids, dim)
         return quantizers.quantize(w2, new_step, 8, "stochastic",
                                    noise), new_step, inc
+
+    def update_chain(math):
+        """The whole table update as one graph of stock ops around
+        `math` (the row arithmetic): dedup, sums, gathers, scatters."""
+
+        @tf.function
+        def chain():
+            uids, pos = tf.unique(flat)
+            g = tf.math.unsorted_segment_sum(flat_up, pos,
+                                             tf.shape(uids)[0])
+            c, s, i = math(
+                tf.cast(tf.gather(codes_var, uids), tf.int32),
+                tf.gather(steps_var, uids), tf.gather(acc_var, uids),
+                tf.gather(step_acc_var, uids), g, uids)
+            codes_var.scatter_update(tf.IndexedSlices(tf.cast(c, tf.int8),
+                                                      uids))
+            steps_var.scatter_update(tf.IndexedSlices(s, uids))
+            acc_var.scatter_add(tf.IndexedSlices(i, uids))
+            step_acc_var.scatter_add(tf.IndexedSlices(i, uids))
+            return tf.constant(0)
+
+        return chain
 
     pieces = {}
 
@@ -184,7 +206,7 @@ def build_pieces(rows, dim, ids_np, fused_op=None):
 
     @tf.function
     def row_math_piece():
-        return row_math(*gathered, sums)
+        return row_math(*gathered, sums, unique_ids)
     pieces["row_math"] = row_math_piece
     new_codes, new_step, inc = row_math_piece()
 
@@ -211,21 +233,7 @@ def build_pieces(rows, dim, ids_np, fused_op=None):
         return tf.constant(0)
     pieces["scatter_packed"] = scatter_packed
 
-    @tf.function
-    def raw_chain():
-        uids, pos = tf.unique(flat)
-        g = tf.math.unsorted_segment_sum(flat_up, pos, tf.shape(uids)[0])
-        codes = tf.cast(tf.gather(codes_var, uids), tf.int32)
-        step_size = tf.gather(steps_var, uids)
-        acc = tf.gather(acc_var, uids)
-        step_acc = tf.gather(step_acc_var, uids)
-        c, s, i = row_math(codes, step_size, acc, step_acc, g)
-        codes_var.scatter_update(tf.IndexedSlices(tf.cast(c, tf.int8), uids))
-        steps_var.scatter_update(tf.IndexedSlices(s, uids))
-        acc_var.scatter_add(tf.IndexedSlices(i, uids))
-        step_acc_var.scatter_add(tf.IndexedSlices(i, uids))
-        return tf.constant(0)
-    pieces["raw_chain"] = raw_chain
+    pieces["raw_chain"] = update_chain(row_math)
     check = {}
     if fused_op is None:
         return pieces, int(unique_ids.shape[0]), check
@@ -246,35 +254,8 @@ def build_pieces(rows, dim, ids_np, fused_op=None):
         fused_codes != new_codes, tf.int32)))
     check["codes_compared"] = int(tf.size(new_codes))
 
-    @tf.function
-    def fused_chain():
-        uids, pos = tf.unique(flat)
-        g = tf.math.unsorted_segment_sum(flat_up, pos, tf.shape(uids)[0])
-        c, s, i = fused_math(
-            tf.cast(tf.gather(codes_var, uids), tf.int32),
-            tf.gather(steps_var, uids), tf.gather(acc_var, uids),
-            tf.gather(step_acc_var, uids), g, uids)
-        codes_var.scatter_update(tf.IndexedSlices(tf.cast(c, tf.int8), uids))
-        steps_var.scatter_update(tf.IndexedSlices(s, uids))
-        acc_var.scatter_add(tf.IndexedSlices(i, uids))
-        step_acc_var.scatter_add(tf.IndexedSlices(i, uids))
-        return tf.constant(0)
-    pieces["fused_chain"] = fused_chain
+    pieces["fused_chain"] = update_chain(fused_math)
     return pieces, int(unique_ids.shape[0]), check
-
-
-def measure(pieces, steps, warmup, rounds):
-    for piece in pieces.values():
-        for _ in range(warmup):
-            tf.nest.map_structure(lambda t: t.numpy(), piece())
-    times = {name: [] for name in pieces}
-    for _ in range(rounds):
-        for name, piece in pieces.items():
-            for _ in range(steps):
-                start = time.perf_counter()
-                tf.nest.map_structure(lambda t: t.numpy(), piece())
-                times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main():
@@ -296,7 +277,8 @@ def main():
     fused_op, fused_error = (None, "--no-fused") if args.no_fused else \
         build_fused_op()
     pieces, unique, check = build_pieces(args.rows, args.dim, ids, fused_op)
-    medians = measure(pieces, args.steps, args.warmup, args.rounds)
+    medians = {name: float(np.median(t)) for name, t in interleaved_times(
+        pieces, args.steps, args.warmup, args.rounds).items()}
     full = medians["full_step"]
     print(f"V={args.rows} D={args.dim} batch={args.batch}x{args.features} "
           f"({unique} unique ids), "
