@@ -1,4 +1,5 @@
-"""Installs `alpt_keras`, with `models/` and `export/` as its subpackages."""
+"""Installs `alpt_keras`, with `models/`, `export/` and `cli/` as its
+subpackages."""
 
 from setuptools import setup
 
@@ -12,11 +13,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=["alpt_keras", "alpt_keras.models", "alpt_keras.export"],
+    packages=["alpt_keras", "alpt_keras.update", "alpt_keras.models",
+              "alpt_keras.export", "alpt_keras.cli"],
     package_dir={
         "alpt_keras": "alpt_keras",
         "alpt_keras.models": "models",
         "alpt_keras.export": "export",
+        "alpt_keras.cli": "cli",
     },
     # Versions checked together on CPU (TF 2.21 era); TFRS needs tf_keras.
     install_requires=[

@@ -5,13 +5,14 @@ The Keras flavour (Keras 3 or tf_keras) is chosen once, at import, from what
 TensorFlow to use tf_keras (needed by TensorFlow Recommenders).
 """
 
-from alpt_keras import quantizers
+from alpt_keras import quantizers, update
 from alpt_keras._keras import IS_KERAS_3
 from alpt_keras.callbacks import ALPTMonitor
 from alpt_keras.embedding import ALPTEmbedding
 from alpt_keras.optimizer import ALPTOptimizer
-from alpt_keras.table import RowPartitioner, step_size_pass
-from alpt_keras.two_pass import TwoPassTrainStep, two_pass
+from alpt_keras.sharding import RowPartitioner
+from alpt_keras.table import TableState, tables
+from alpt_keras.two_pass import TwoPassTrainStep, step_size_pass, two_pass
 
 __version__ = "0.1.0"
 
@@ -21,8 +22,11 @@ __all__ = [
     "ALPTOptimizer",
     "IS_KERAS_3",
     "RowPartitioner",
+    "TableState",
     "TwoPassTrainStep",
     "quantizers",
     "step_size_pass",
+    "tables",
     "two_pass",
+    "update",
 ]

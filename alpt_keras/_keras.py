@@ -63,9 +63,12 @@ else:
 
 __all__ = [
     "IS_KERAS_3",
+    "VariableList",
     "keras",
     "add_optimizer_variable",
+    "flatten_layers",
     "in_xla_context",
+    "optimizer_base_classes",
     "register",
     "tf_variable",
     "weight_aggregation",
@@ -120,3 +123,27 @@ def in_xla_context():
     """True while tracing a function that XLA will compile."""
     graph = tf.compat.v1.get_default_graph()
     return control_flow_util.GraphOrParentsInXlaContext(graph)
+
+
+class VariableList(list):
+    """A list that is also callable: tf_keras code calls `variables()`."""
+
+    def __call__(self):
+        return self
+
+
+def optimizer_base_classes():
+    """The optimizer base classes of the active flavour (tf_keras also has
+    `optimizers.legacy.Optimizer`)."""
+    classes = [keras.optimizers.Optimizer]
+    legacy = getattr(keras.optimizers, "legacy", None)
+    if legacy is not None and hasattr(legacy, "Optimizer"):
+        classes.append(legacy.Optimizer)
+    return tuple(classes)
+
+
+def flatten_layers(layer, include_self=False, recursive=True):
+    """The sublayers of `layer` (Keras's private `_flatten_layers`, the same
+    in both flavours), depth first."""
+    return list(layer._flatten_layers(include_self=include_self,
+                                      recursive=recursive))

@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 from alpt_keras import _keras, quantizers
-from alpt_keras.table import find_table
+from alpt_keras.table import tables
 
 keras = _keras.keras
 
@@ -47,15 +47,12 @@ class ALPTMonitor(keras.callbacks.Callback):
             out["alpt_skipped_table_updates"] = float(
                 np.array(tf.convert_to_tensor(skipped)))
         seen, steps_all, saturated, codes_count = [], [], 0, 0
-        for variable in self.model.trainable_variables:
-            table = find_table(variable)
-            if table is None or any(table is t for t in seen):
-                continue
+        for table in tables(self.model):
             seen.append(table)
             steps = np.array(tf.convert_to_tensor(
-                _keras.tf_variable(table.step_size)))
+                _keras.tf_variable(table.step_sizes)))
             codes = table.storage.read_all().numpy()
-            low, high = quantizers.code_range(table.num_bits)
+            low, high = quantizers.code_range(table.spec.num_bits)
             clipped = int(np.sum((codes == low) | (codes == high)))
             steps_all.append(steps.ravel())
             saturated += clipped

@@ -6,36 +6,34 @@ import numpy as np
 import tensorflow as tf
 
 from alpt_keras import _keras, quantizers
-from alpt_keras.table import (
-    SUPPORTED_STEP_SIZE,
+from alpt_keras.sharding import row_variables
+from alpt_keras.storage import (
     SUPPORTED_STORAGE,
-    TAG_ATTRIBUTE,
-    Int8Storage,
-    PackedStorage,
-    TableState,
-    in_step_size_pass,
+    make_storage,
     pack_codes,
-    row_variables,
     unpack_codes,
     words_per_row,
+)
+from alpt_keras.table import (
+    SUPPORTED_COMBINERS,
+    SUPPORTED_STEP_SIZE,
+    TAG_ATTRIBUTE,
+    TableState,
+    checked_ids,
+    combine,
+)
+from alpt_keras.two_pass import in_step_size_pass
+from alpt_keras.update import TableSpec
+from alpt_keras.validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
 )
 
 keras = _keras.keras
 
-SUPPORTED_COMBINERS = (None, "sum", "mean", "sqrtn")
 _INIT_BLOCK_ROWS = 1 << 16  # rows quantized at once when building
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value!r}"
-        )
-    if value <= 0:
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value!r}"
-        )
-    return int(value)
 
 
 def _crc32(text):
@@ -156,57 +154,20 @@ class ALPTEmbedding(keras.layers.Layer):
     ):
         explicit_name = kwargs.get("name")
         super().__init__(**kwargs)
-        self.input_dim = _check_positive_int("input_dim", input_dim)
-        self.output_dim = _check_positive_int("output_dim", output_dim)
+        self.input_dim = check_int("input_dim", input_dim, minimum=1)
+        self.output_dim = check_int("output_dim", output_dim, minimum=1)
         self.num_bits = quantizers.validate_num_bits(num_bits)
-        if step_size not in SUPPORTED_STEP_SIZE:
-            raise ValueError(
-                f"`step_size` must be one of {SUPPORTED_STEP_SIZE}. "
-                f"Received: step_size={step_size!r}"
-            )
-        self.step_size = step_size
-        if rounding not in quantizers.SUPPORTED_ROUNDING:
-            raise ValueError(
-                f"`rounding` must be one of {quantizers.SUPPORTED_ROUNDING}. "
-                f"Received: rounding={rounding!r}"
-            )
-        self.rounding = rounding
-        if not isinstance(learn_step_size, bool):
-            raise ValueError(
-                "`learn_step_size` must be a bool. "
-                f"Received: learn_step_size={learn_step_size!r}"
-            )
-        self.learn_step_size = learn_step_size
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
-        ):
-            raise ValueError(
-                f"`seed` must be an integer or None. Received: seed={seed!r}"
-            )
-        self.seed = None if seed is None else int(seed)
-        if combiner not in SUPPORTED_COMBINERS:
-            raise ValueError(
-                f"`combiner` must be one of {SUPPORTED_COMBINERS}. "
-                f"Received: combiner={combiner!r}"
-            )
-        self.combiner = combiner
-        if (
-            isinstance(min_step_size, bool)
-            or not isinstance(min_step_size, (int, float))
-            or not min_step_size > 0
-            or not np.isfinite(min_step_size)
-        ):
-            raise ValueError(
-                "`min_step_size` must be a finite number > 0. "
-                f"Received: min_step_size={min_step_size!r}"
-            )
-        self.min_step_size = float(min_step_size)
-        if storage not in SUPPORTED_STORAGE:
-            raise ValueError(
-                f"`storage` must be one of {SUPPORTED_STORAGE}. "
-                f"Received: storage={storage!r}"
-            )
-        self.storage = storage
+        self.step_size_mode = check_choice("step_size", step_size,
+                                           SUPPORTED_STEP_SIZE)
+        self.rounding = check_choice("rounding", rounding,
+                                     quantizers.SUPPORTED_ROUNDING)
+        self.learn_step_size = check_bool("learn_step_size", learn_step_size)
+        self.seed = check_int("seed", seed, allow_none=True)
+        self.combiner = check_choice("combiner", combiner,
+                                     (None,) + SUPPORTED_COMBINERS)
+        self.min_step_size = check_float("min_step_size", min_step_size,
+                                         minimum=0.0, inclusive=False)
+        self.storage = check_choice("storage", storage, SUPPORTED_STORAGE)
         if embeddings_initializer is None:
             embeddings_initializer = keras.initializers.RandomNormal(
                 mean=0.0, stddev=0.003, seed=self.seed
@@ -221,13 +182,8 @@ class ALPTEmbedding(keras.layers.Layer):
                 noise_salt = _crc32(f"seed:{self.seed}")
             else:
                 noise_salt = _crc32(self.name)
-        elif isinstance(noise_salt, bool) or not isinstance(
-            noise_salt, (int, np.integer)
-        ):
-            raise ValueError(
-                "`noise_salt` must be an integer or None. "
-                f"Received: noise_salt={noise_salt!r}"
-            )
+        else:
+            noise_salt = check_int("noise_salt", noise_salt)
         self.noise_salt = int(noise_salt) & 0xFFFFFFFF
         # Keras 3: keep `jit_compile="auto"` from turning XLA on for models
         # containing this layer (unique, scatter and asserts are not XLA-safe).
@@ -245,7 +201,7 @@ class ALPTEmbedding(keras.layers.Layer):
                 "int8. Use `storage='packed'` (int32 words). Received: "
                 "storage='int8' under a multi-worker strategy"
             )
-        per_row = self.step_size == "row"
+        per_row = self.step_size_mode == "row"
         shape = (self.input_dim, self.output_dim)
         # Eager even when Keras builds inside a scratch graph (symbolic
         # build of subclassed models): the initializers below close over
@@ -293,21 +249,22 @@ class ALPTEmbedding(keras.layers.Layer):
             **extra,
         )
         self._table = TableState(
-            name=self.name,
-            input_dim=self.input_dim,
-            output_dim=self.output_dim,
-            num_bits=self.num_bits,
-            step_size_mode=self.step_size,
-            rounding=self.rounding,
-            learn_step_size=self.learn_step_size,
-            seed=0 if self.seed is None else self.seed,
-            salt=self.noise_salt,
-            min_step_size=self.min_step_size,
-            storage=(
-                PackedStorage(self.codes, self.num_bits, self.output_dim)
-                if self.storage == "packed" else Int8Storage(self.codes)
+            spec=TableSpec(
+                name=self.name,
+                input_dim=self.input_dim,
+                output_dim=self.output_dim,
+                num_bits=self.num_bits,
+                step_size_mode=self.step_size_mode,
+                rounding=self.rounding,
+                learn_step_size=self.learn_step_size,
+                seed=0 if self.seed is None else self.seed,
+                salt=self.noise_salt,
+                min_step_size=self.min_step_size,
             ),
-            step_size=self.step_sizes,
+            storage=make_storage(self.storage, self.codes, self.num_bits,
+                                 self.output_dim),
+            step_sizes=self.step_sizes,
+            layer=self,
         )
         setattr(self.gradient_carrier, TAG_ATTRIBUTE, self._table)
         self.built = True
@@ -321,7 +278,7 @@ class ALPTEmbedding(keras.layers.Layer):
         parts = []
         for start in range(0, self.input_dim, _INIT_BLOCK_ROWS):
             stop = min(start + _INIT_BLOCK_ROWS, self.input_dim)
-            block_step = step[start:stop] if self.step_size == "row" \
+            block_step = step[start:stop] if self.step_size_mode == "row" \
                 else step
             codes = self._quantize_rows(
                 table[start:stop], block_step,
@@ -380,46 +337,11 @@ class ALPTEmbedding(keras.layers.Layer):
         return self._combine(tf.reduce_sum(embedded, axis=-2), counts)
 
     def _combine(self, sums, counts):
-        if self.combiner == "sum":
-            return sums
-        counts = tf.maximum(counts, 1.0)  # empty bags give zeros, not NaN
-        if self.combiner == "mean":
-            return sums / counts
-        return sums / tf.sqrt(counts)
+        return combine(sums, counts, self.combiner)
 
     def _to_ids(self, flat):
         """int64 ids, checked against `[0, input_dim)` before any use."""
-        if not flat.dtype.is_integer:
-            if flat.dtype.is_floating:
-                flat = tf.cast(flat, tf.int64)
-            else:
-                raise TypeError(
-                    f"ALPTEmbedding '{self.name}' needs integer ids. "
-                    f"Received: ids of dtype {flat.dtype.name}"
-                )
-        ids = tf.cast(flat, tf.int64)
-        # One comparison covers both ends (negative ids wrap to huge
-        # unsigned values); the offending ids are only gathered for the
-        # message when the check fails. This halves the check's cost per
-        # serving request compared with always computing them.
-        in_range = tf.reduce_all(tf.cast(ids, tf.uint64) < self.input_dim)
-
-        def fail():
-            bad = tf.logical_or(ids < 0, ids >= self.input_dim)
-            check = tf.debugging.Assert(
-                False,
-                [
-                    f"ALPTEmbedding '{self.name}': ids must be in "
-                    f"[0, input_dim={self.input_dim}). Received out-of-range "
-                    "ids (first 10):",
-                    tf.boolean_mask(ids, bad)[:10],
-                ],
-                summarize=10,
-            )
-            with tf.control_dependencies([check]):
-                return tf.identity(ids)
-
-        return tf.cond(in_range, lambda: tf.identity(ids), fail)
+        return checked_ids(flat, self.input_dim, self.name)
 
     def _lookup(self, ids, training):
         """Dequantized rows `[N, D]` whose gradient flows to the carrier.
@@ -512,7 +434,7 @@ class ALPTEmbedding(keras.layers.Layer):
         step = quantizers.lsq_initial_step_size(
             table,
             self.num_bits,
-            per_row=self.step_size == "row",
+            per_row=self.step_size_mode == "row",
             minimum=self.min_step_size,
         )
         codes = self._quantize_table(tf.constant(table), step, rounding)
@@ -582,7 +504,7 @@ class ALPTEmbedding(keras.layers.Layer):
                 "input_dim": self.input_dim,
                 "output_dim": self.output_dim,
                 "num_bits": self.num_bits,
-                "step_size": self.step_size,
+                "step_size": self.step_size_mode,
                 "rounding": self.rounding,
                 "learn_step_size": self.learn_step_size,
                 "embeddings_initializer": keras.initializers.serialize(

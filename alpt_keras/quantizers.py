@@ -14,6 +14,8 @@ mirrored integer tables diverge.
 
 import tensorflow as tf
 
+from alpt_keras.validation import check_int
+
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 SUPPORTED_ROUNDING = ("stochastic", "deterministic")
 
@@ -29,17 +31,10 @@ INIT_STEP = _MASK32
 
 
 def validate_num_bits(num_bits):
-    """Raises `ValueError` unless `num_bits` is an int in [2, 8]."""
-    if (
-        isinstance(num_bits, bool)
-        or not isinstance(num_bits, int)
-        or num_bits not in SUPPORTED_BITS
-    ):
-        raise ValueError(
-            "`num_bits` must be an integer in [2, 8]. "
-            f"Received: num_bits={num_bits!r}"
-        )
-    return num_bits
+    """Returns `num_bits` as an int; `TypeError` unless it is an integer,
+    `ValueError` unless it is in [2, 8]."""
+    return check_int("num_bits", num_bits, minimum=SUPPORTED_BITS[0],
+                     maximum=SUPPORTED_BITS[-1])
 
 
 def code_range(num_bits):

@@ -19,16 +19,215 @@ With `step_size_gradient="one_pass"` (the default) the hook is a plain
 train step, so models built with it train either way.
 """
 
+import contextlib
+import threading
+from typing import NamedTuple
+
 import tensorflow as tf
 
 from alpt_keras import _keras
-from alpt_keras.optimizer import ALPTOptimizer
-from alpt_keras.table import step_size_pass
+from alpt_keras._scopes import current, scoped
+from alpt_keras.table import find_table
 
 keras = _keras.keras
 
-__all__ = ["TwoPassTrainStep", "inference_loss", "two_pass",
-           "two_pass_train_step"]
+__all__ = ["PendingStep", "PendingTable", "TwoPassOptimizerMixin",
+           "TwoPassState", "TwoPassTrainStep",
+           "in_step_size_pass", "inference_loss", "step_size_pass",
+           "two_pass", "two_pass_train_step"]
+
+
+def step_size_pass():
+    """Inside, inference-mode lookups (`training=False`) still carry their
+    row gradients: the second pass of a two-pass ALPT step runs the model
+    in inference mode but needs `∂L/∂e` for the step sizes.
+
+    Thread-local, since it must reach `ALPTEmbedding.call` through the
+    user's model code, which takes no extra argument.
+    """
+    return scoped("step_size_pass", True)
+
+
+def in_step_size_pass():
+    return bool(current("step_size_pass"))
+
+
+class PendingTable(NamedTuple):
+    """One table's first pass, waiting for the second pass's gradients.
+
+    Attributes:
+        table: `TableState`.
+        carrier: the table's gradient-carrier variable.
+        slots: dict slot name -> the optimizer's state variable.
+        ids: int64 `[N]`, the ids the first pass looked up (all replicas).
+        unique_ids: int64 `[U]`, their unique values (the touched rows).
+        positions: int `[N]`, index of each id in `unique_ids`.
+        codes: int32 `[U, D]`, the codes before the step.
+        step_size: float32, Δ of the touched rows before the step.
+        new_weights: float32 `[U, D]`, `w'` from the row update.
+    """
+
+    table: object
+    carrier: object
+    slots: dict
+    ids: tf.Tensor
+    unique_ids: tf.Tensor
+    positions: tf.Tensor
+    codes: tf.Tensor
+    step_size: tf.Tensor
+    new_weights: tf.Tensor
+
+
+class PendingStep(NamedTuple):
+    """A first pass's rows and flags, built in cross-replica context."""
+
+    tables: list
+    finite: tf.Tensor
+    step: tf.Tensor
+    count_step: bool
+    aggregate: bool
+
+
+class TwoPassState:
+    """An optimizer's two-pass bookkeeping between the passes of one
+    traced train step. A plain object, so Keras's attribute tracking never
+    adopts the carriers and tensors kept here as optimizer variables.
+
+    - `active`: inside `optimizer.two_pass_step()`. Thread-local: Keras's
+      train step calls `apply_gradients` without a way to pass a flag, and
+      MirroredStrategy runs each replica's step in its own thread.
+    - `pending`: the `PendingStep` of the first pass, or `None` (set and
+      read in cross-replica context, so an explicit attribute).
+    """
+
+    def __init__(self):
+        self._local = threading.local()
+        self.pending = None
+
+    @property
+    def active(self):
+        return getattr(self._local, "active", False)
+
+    @active.setter
+    def active(self, value):
+        self._local.active = value
+
+
+
+class TwoPassOptimizerMixin:
+    """The two-pass API of `ALPTOptimizer` (its second half of a step).
+
+    The host optimizer provides `_two_pass` (a `TwoPassState`) and the
+    steps shared with one-pass training: `_table_slices`,
+    `_in_cross_replica`, `_step_size_and_codes` and `_count_step`.
+    """
+
+    @contextlib.contextmanager
+    def two_pass_step(self):
+        """Marks the `apply` inside as the first pass of a two-pass step.
+
+        With `step_size_gradient="two_pass"`, that apply updates the dense
+        variables and the touched rows' optimizer state, and writes
+        `Q_D(w'; Δ)` (deterministic rounding, the old Δ) to the codes. Then
+        run the second forward/backward pass on the same batch, in
+        inference mode inside `alpt_keras.step_size_pass()` (so lookups
+        still carry row gradients), and pass the gradients of
+        `pending_carriers` to `apply_step_size_gradients`, which learns Δ
+        and writes the final codes. `alpt_keras.TwoPassTrainStep` does all
+        of this in `fit`; a custom loop:
+
+        ```python
+        with optimizer.two_pass_step():
+            optimizer.apply_gradients(zip(grads, variables))
+        carriers = optimizer.pending_carriers
+        with tf.GradientTape() as tape, alpt_keras.step_size_pass():
+            loss = loss_fn(y, model(x, training=False))
+        optimizer.apply_step_size_gradients(
+            tape.gradient(loss, carriers), carriers)
+        ```
+        """
+        self._two_pass.active = True
+        try:
+            yield
+        finally:
+            self._two_pass.active = False
+
+    @property
+    def pending_carriers(self):
+        """Gradient carriers of the tables waiting for a second pass (an
+        empty list outside a two-pass step or when no table learns Δ)."""
+        if self._two_pass.pending is None:
+            return []
+        return [first.carrier for first in self._two_pass.pending.tables]
+
+    def discard_pending_step(self):
+        """Forgets a first pass whose second pass will not run (e.g. its
+        trace failed); the next step starts afresh."""
+        self._two_pass.pending = None
+
+    def apply_step_size_gradients(self, grads, carriers=None):
+        """Finishes a two-pass step with the second pass's gradients.
+
+        Args:
+            grads: the gradients of the second-pass loss with respect to
+                `carriers` (the `tf.IndexedSlices` that ALPTEmbedding
+                produces), one per carrier.
+            carriers: defaults to `pending_carriers`, in that order.
+        """
+        pending = self._two_pass.pending
+        if pending is None:
+            raise RuntimeError(
+                "ALPTOptimizer.apply_step_size_gradients: no two-pass step "
+                "is waiting (apply the first pass inside `two_pass_step()` "
+                "with step_size_gradient='two_pass'). Received: gradients "
+                "with nothing pending.")
+        carriers = self.pending_carriers if carriers is None else carriers
+        grads = list(grads)
+        if len(grads) != len(carriers):
+            raise ValueError(
+                "`grads` must have one gradient per carrier "
+                f"({len(carriers)}). Received: {len(grads)} gradients")
+        by_table = {id(find_table(carrier)): grad
+                    for grad, carrier in zip(grads, carriers, strict=True)}
+        table_grads = []
+        for first in pending.tables:
+            grad = by_table.get(id(first.table))
+            if grad is None:
+                raise ValueError(
+                    f"The second pass gave no gradient for ALPT table "
+                    f"'{first.table.name}'; it must look up the same batch "
+                    "as the first. Received: None")
+            table_grads.append((first.table, grad))
+        return self._in_cross_replica(
+            self._finish_tables, self._table_slices(table_grads),
+            pending.aggregate)
+
+    def _finish_tables(self, strategy, flat):
+        state, self._two_pass.pending = self._two_pass.pending, None
+        step_grads, step_finite = [], state.finite
+        for first, (ids, values) in zip(state.tables, flat, strict=True):
+            ids = strategy.experimental_local_results(ids)[0]
+            values = strategy.experimental_local_results(values)[0]
+            same = tf.cond(
+                tf.equal(tf.size(ids), tf.size(first.ids)),
+                lambda ids=ids, first=first: tf.reduce_all(
+                    tf.equal(ids, first.ids)),
+                lambda: tf.constant(False))
+            check = tf.debugging.Assert(same, [
+                f"ALPTOptimizer: the second pass must look up the same ids "
+                f"as the first in table '{first.table.name}'. Received ids:",
+                ids], summarize=10)
+            with tf.control_dependencies([check]):
+                grads = tf.math.unsorted_segment_sum(
+                    values, first.positions, tf.shape(first.unique_ids)[0])
+            step_finite = tf.logical_and(
+                step_finite, tf.reduce_all(tf.math.is_finite(grads)))
+            step_grads.append(grads)
+        writes = []
+        for first, grads in zip(state.tables, step_grads, strict=True):
+            writes += self._step_size_and_codes(
+                first, grads, state.step, state.finite, step_finite)
+        return self._count_step(writes, state.finite, state.count_step)
 
 
 def _is_tfrs_model(model):
@@ -87,8 +286,8 @@ def two_pass_train_step(model, data, train_step, loss_fn=None):
         The logs of `train_step`: metrics come from the first pass only.
     """
     optimizer = getattr(model, "optimizer", None)
-    if not isinstance(optimizer, ALPTOptimizer) or \
-            optimizer.step_size_gradient != "two_pass":
+    # By attribute, not class: the optimizer module imports this one.
+    if getattr(optimizer, "step_size_gradient", None) != "two_pass":
         return train_step(data)
     try:
         with optimizer.two_pass_step():

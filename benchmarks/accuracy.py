@@ -42,11 +42,11 @@ import numpy as np
 import tensorflow as tf
 from _report import default_output, machine_info, write_report
 
-from alpt_keras import ALPTOptimizer, _keras, two_pass
-from alpt_keras.cli import synthetic_data
+from alpt_keras import ALPTOptimizer, _keras, two_pass, update
 from alpt_keras.models.ctr_models import build_ctr_model
 from alpt_keras.models.features import simple_features
 from alpt_keras.models.metrics import auc, logloss
+from alpt_keras.models.synthetic import criteo_like_synthetic
 
 keras = _keras.keras
 METHODS = ("float32", "lpt_dr", "lpt_sr", "alpt", "alpt_2pass")
@@ -69,8 +69,8 @@ def load_dataset(name, args):
         data = MovieLensCTR(seed=0)
         train, test = data.arrays("train"), data.arrays("test")
         return data.feature_configs, train, test
-    data = synthetic_data(args.num_examples, seed=0,
-                          num_fields=args.num_fields)
+    data = criteo_like_synthetic(args.num_examples, seed=0,
+                                 num_fields=args.num_fields)
     train, rest = data.split(0.8)
     _, test = rest.split(0.5)
     names = [f"C{i + 1}" for i in range(data.ids.shape[1])]
@@ -159,22 +159,22 @@ def paired_bootstrap(labels, method_scores, base_scores, resamples, seed):
 def float32_rows(model, table_opt):
     """Gives a float32 model the ALPT table optimizer for its tables.
 
-    The rows touched by a batch get `table_opt`'s update, computed by
-    `ALPTOptimizer`'s own row step (the same code and defaults, with no
-    quantization); the dense variables get the compiled optimizer.
+    The rows touched by a batch get `table_opt`'s update, computed by the
+    same rule spec (`alpt_keras.update`) and defaults that ALPTOptimizer
+    uses, with no quantization; the dense variables get the compiled
+    optimizer.
     """
-    rows_opt = ALPTOptimizer(keras.optimizers.Adam(),
-                             embedding_optimizer=table_opt)
+    rule = update.get_table_rule(table_opt)
+    # The defaults ALPTOptimizer would use for this table optimizer.
+    hyper = ALPTOptimizer(keras.optimizers.Adam(),
+                          embedding_optimizer=table_opt
+                          ).embedding_hyperparameters
     tables = [layer.embeddings for layer in
               model.get_layer("embedding").tables]
     table_ids = {id(v) for v in tables}
-    shapes = {"rowwise_adagrad": lambda v: (v.shape[0], 1),
-              "adagrad": lambda v: v.shape, "sgd": None,
-              "lazy_adam": lambda v: v.shape}
-    names = {"rowwise_adagrad": ["accumulator"], "adagrad": ["accumulator"],
-             "sgd": [], "lazy_adam": ["m", "v"]}[table_opt]
-    slots = [{n: tf.Variable(tf.zeros(shapes[table_opt](v)), trainable=False)
-              for n in names} for v in tables]
+    slots = [{s.name: tf.Variable(tf.zeros(
+        (v.shape[0], v.shape[1] if s.per_element else 1)), trainable=False)
+        for s in rule.slots} for v in tables]
     step = tf.Variable(0, dtype=tf.int64, trainable=False)
 
     def train_step(data):
@@ -199,13 +199,13 @@ def float32_rows(model, table_opt):
             ids, positions = tf.unique(tf.cast(grad.indices, tf.int64))
             g = tf.math.unsorted_segment_sum(grad.values, positions,
                                              tf.shape(ids)[0])
-            state = {n: tf.gather(slot[n], ids) for n in names}
-            new_rows, new_state = rows_opt._embedding_step(
-                tf.gather(variable, ids), g, state, t,
-                rows_opt._embedding_lr())
+            state = {n: tf.gather(slot[n], ids) for n in slot}
+            new_rows, new_state = rule.update(
+                tf.gather(variable, ids), g, state, hyper, t)
             variable.scatter_update(tf.IndexedSlices(new_rows, ids))
             for n, value in new_state.items():
-                value = getattr(value, "value", value)  # _Sum -> new value
+                if isinstance(value, update.Increment):
+                    value = value.value
                 slot[n].scatter_update(tf.IndexedSlices(value, ids))
         step.assign_add(1)
         return {"loss": loss}

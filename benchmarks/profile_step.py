@@ -48,8 +48,10 @@ from _report import (
     write_report,
 )
 
-from alpt_keras import ALPTEmbedding, ALPTOptimizer, _keras, quantizers
-from alpt_keras.table import pack_codes
+import alpt_keras
+from alpt_keras import ALPTEmbedding, ALPTOptimizer, _keras, quantizers, update
+from alpt_keras.storage import pack_codes
+from alpt_keras.table import checked_ids
 
 keras = _keras.keras
 
@@ -97,26 +99,26 @@ def build_pieces(rows, dim, ids_np, fused_op=None):
     unique_ids, positions = tf.unique(flat)
     sums = tf.math.unsorted_segment_sum(flat_up, positions,
                                         tf.shape(unique_ids)[0])
-    table = layer._table
-    codes_var = _keras.tf_variable(layer.codes)
-    steps_var = _keras.tf_variable(layer.step_sizes)
-    slots = optimizer._slots[0]
+    table = alpt_keras.tables(layer)[0]
+    codes_var = _keras.tf_variable(table.codes)
+    steps_var = _keras.tf_variable(table.step_sizes)
+    slots = optimizer.table_slots(table)
     acc_var = _keras.tf_variable(slots["accumulator"])
-    step_acc_var = _keras.tf_variable(slots["step_accumulator"])
+    step_acc_var = _keras.tf_variable(slots["step_size_accumulator"])
     packed_var = tf.Variable(tf.zeros([rows, dim * 8 // 32], tf.int32))
+    table_rule = update.get_table_rule(optimizer.embedding_optimizer)
+    step_size_rule = update.get_step_size_rule(optimizer.step_size_optimizer)
+    step_size_hyper = optimizer.step_size_hyperparameters("row")
 
     def row_math(codes, step_size, acc, step_acc, g, uids):
-        w = quantizers.dequantize(codes, step_size)
-        inc = tf.reduce_mean(tf.square(g), axis=-1, keepdims=True)
-        a = acc + inc
-        w2 = w - 0.01 * g / (tf.sqrt(a) + 1e-8)
-        sg = quantizers.lsq_step_size_gradient(w2, step_size, g, 8, dim)
-        b = step_acc + inc
-        new_step = step_size * (1.0 - 0.03 * sg / (tf.sqrt(b) + 1e-12))
-        noise = quantizers.hash_uniform(0, table.salt, tf.constant(
-            0, tf.int64), uids, dim)
-        return quantizers.quantize(w2, new_step, 8, "stochastic",
-                                   noise), new_step, inc
+        """The library's own pure step (`alpt_keras.update.table_step`)."""
+        out = update.table_step(
+            codes, step_size, g, {"accumulator": acc},
+            {"step_size_accumulator": step_acc}, tf.constant(0, tf.int64),
+            uids, table.spec, table_rule, optimizer.embedding_hyperparameters,
+            step_size_rule, step_size_hyper)
+        return (out.codes, out.step_size, out.state["accumulator"].increment,
+                out.state["step_size_accumulator"].increment)
 
     def update_chain(math):
         """The whole table update as one graph of stock ops around
@@ -127,7 +129,7 @@ def build_pieces(rows, dim, ids_np, fused_op=None):
             uids, pos = tf.unique(flat)
             g = tf.math.unsorted_segment_sum(flat_up, pos,
                                              tf.shape(uids)[0])
-            c, s, i = math(
+            c, s, i, j = math(
                 tf.cast(tf.gather(codes_var, uids), tf.int32),
                 tf.gather(steps_var, uids), tf.gather(acc_var, uids),
                 tf.gather(step_acc_var, uids), g, uids)
@@ -135,7 +137,7 @@ def build_pieces(rows, dim, ids_np, fused_op=None):
                                                       uids))
             steps_var.scatter_update(tf.IndexedSlices(s, uids))
             acc_var.scatter_add(tf.IndexedSlices(i, uids))
-            step_acc_var.scatter_add(tf.IndexedSlices(i, uids))
+            step_acc_var.scatter_add(tf.IndexedSlices(j, uids))
             return tf.constant(0)
 
         return chain
@@ -166,7 +168,7 @@ def build_pieces(rows, dim, ids_np, fused_op=None):
 
     @tf.function
     def id_check():
-        return layer._to_ids(flat)
+        return checked_ids(flat, rows, table.name)
     pieces["id_check"] = id_check
 
     @tf.function
@@ -208,12 +210,13 @@ def build_pieces(rows, dim, ids_np, fused_op=None):
     def row_math_piece():
         return row_math(*gathered, sums, unique_ids)
     pieces["row_math"] = row_math_piece
-    new_codes, new_step, inc = row_math_piece()
+    new_codes, new_step, inc, step_inc = row_math_piece()
 
     @tf.function
     def hash_noise():
-        return quantizers.hash_uniform(0, table.salt, tf.constant(
-            0, tf.int64), unique_ids, dim)
+        return quantizers.hash_uniform(table.spec.seed, table.spec.salt,
+                                       tf.constant(0, tf.int64), unique_ids,
+                                       dim)
     pieces["hash_noise"] = hash_noise
 
     @tf.function
@@ -222,7 +225,7 @@ def build_pieces(rows, dim, ids_np, fused_op=None):
             tf.cast(new_codes, tf.int8), unique_ids))
         steps_var.scatter_update(tf.IndexedSlices(new_step, unique_ids))
         acc_var.scatter_add(tf.IndexedSlices(inc, unique_ids))
-        step_acc_var.scatter_add(tf.IndexedSlices(inc, unique_ids))
+        step_acc_var.scatter_add(tf.IndexedSlices(step_inc, unique_ids))
         return tf.constant(0)
     pieces["scatter_writes"] = scatter_writes
 
@@ -239,11 +242,12 @@ def build_pieces(rows, dim, ids_np, fused_op=None):
         return pieces, int(unique_ids.shape[0]), check
 
     def fused_math(codes, step_size, acc, step_acc, g, uids):
-        key = quantizers.hash_key(0, table.salt, 0)
-        return fused_op.alpt_row_update(
+        key = quantizers.hash_key(table.spec.seed, table.spec.salt, 0)
+        c, s, i = fused_op.alpt_row_update(
             codes, step_size, acc, step_acc, g, uids, key, num_bits=8,
             learning_rate=0.01, step_size_learning_rate=0.03, epsilon=1e-8,
-            step_size_epsilon=1e-12, min_step_size=0.0)
+            step_size_epsilon=1e-12, min_step_size=table.spec.min_step_size)
+        return c, s, i, i
 
     @tf.function
     def fused_row_math():

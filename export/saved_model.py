@@ -28,7 +28,9 @@ import uuid
 
 import tensorflow as tf
 
-from alpt_keras._keras import keras, tf_variable
+from alpt_keras import tables
+from alpt_keras._keras import flatten_layers, keras, tf_variable
+from alpt_keras.table import find_table
 
 SIGNATURE_KEY = "serving_default"
 # Describes each ALPT table of an export (shape, bits, storage), so tools
@@ -106,8 +108,7 @@ def _variable_paths(model):
     paths = {}
 
     def walk(layer, prefix):
-        for sub in layer._flatten_layers(include_self=False,
-                                         recursive=False):
+        for sub in flatten_layers(layer, recursive=False):
             walk(sub, f"{prefix}/{sub.name}" if prefix else sub.name)
         for variable in layer.weights:  # deeper layers claimed theirs
             if id(variable) not in paths:
@@ -120,13 +121,13 @@ def _variable_paths(model):
 
 def serving_variables(model):
     """The variables inference reads, keyed by a readable path: the model's
-    weights without the ALPT gradient carriers (optimizer variables are not
-    model weights)."""
+    weights without the ALPT gradient carriers (the variables that carry
+    an ALPT table's tag; optimizer variables are not model weights)."""
     paths = _variable_paths(model)
     out = {}
     for variable in model.weights:
         path = paths.get(id(variable), variable.name.split(":")[0])
-        if path.split("/")[-1] == "gradient_carrier":
+        if find_table(variable) is not None:  # a gradient carrier
             continue
         key, n = path.replace("/", "."), 1
         while key in out:
@@ -186,22 +187,26 @@ def _strip_newer_ops(version_dir):
 
 def alpt_tables(model, variables):
     """Export key prefix -> settings of every ALPT table among `variables`
-    (as returned by `serving_variables`)."""
-    from alpt_keras.embedding import ALPTEmbedding
-
+    (as returned by `serving_variables`), with the keys of its codes and
+    step-size variables."""
     keys = {id(v): k for k, v in variables.items()}
-    tables = {}
-    for layer in model._flatten_layers(include_self=False):
-        if not isinstance(layer, ALPTEmbedding) or not layer.built:
+    out = {}
+    for table in tables(model):
+        codes = keys.get(id(tf_variable(table.codes)))
+        step_sizes = keys.get(id(tf_variable(table.step_sizes)))
+        if codes is None or step_sizes is None:
             continue
-        key = keys.get(id(tf_variable(layer.codes)))
-        if key is None or not key.endswith(".codes"):
-            continue
-        tables[key[:-len(".codes")]] = {
-            "input_dim": layer.input_dim, "output_dim": layer.output_dim,
-            "num_bits": layer.num_bits, "storage": layer.storage,
-            "step_size": layer.step_size}
-    return tables
+        spec = table.spec
+        prefix = codes.rpartition(".")[0]
+        out[prefix] = {
+            "input_dim": spec.input_dim, "output_dim": spec.output_dim,
+            "num_bits": spec.num_bits, "storage": table.storage.kind,
+            # "step_size" (the mode, as the layer argument) kept for
+            # readers of exports written before "step_size_mode".
+            "step_size": spec.step_size_mode,
+            "step_size_mode": spec.step_size_mode,
+            "variables": {"codes": codes, "step_sizes": step_sizes}}
+    return out
 
 
 def export_for_serving(model, base_path, model_name="model", version=None,
@@ -296,19 +301,20 @@ def export_size_report(version_dir):
         variables[name] = {"shape": list(shape), "dtype": dtypes[key].name,
                            "bytes": count * dtypes[key].size}
     tables = {}
+    for prefix, settings in meta.items():
+        # Exports written before the "variables" entry: the layer's names.
+        names = settings.get("variables", {
+            "codes": f"{prefix}.codes", "step_sizes": f"{prefix}.step_sizes"})
+        codes = variables[names["codes"]]
+        tables[prefix] = {
+            "bytes": codes["bytes"] + variables[names["step_sizes"]]["bytes"],
+            "float32_bytes": 4 * codes["shape"][0] * settings["output_dim"],
+            "num_bits": settings["num_bits"], "storage": settings["storage"]}
     for name, info in variables.items():
         prefix, _, leaf = name.rpartition(".")
-        if leaf not in ("codes", "step_sizes", "embeddings"):
-            continue
-        table = tables.setdefault(prefix, {"bytes": 0, "float32_bytes": 0})
-        table["bytes"] += info["bytes"]
-        if leaf in ("codes", "embeddings"):
-            rows, width = info["shape"]
-            if prefix in meta:  # packed codes: width counts words
-                width = meta[prefix]["output_dim"]
-                table["num_bits"] = meta[prefix]["num_bits"]
-                table["storage"] = meta[prefix]["storage"]
-            table["float32_bytes"] = 4 * rows * width
+        if leaf == "embeddings" and len(info["shape"]) == 2:  # float tables
+            tables[prefix] = {"bytes": info["bytes"],
+                              "float32_bytes": info["bytes"]}
     total = 0
     for root, _, files in os.walk(version_dir):
         total += sum(os.path.getsize(os.path.join(root, f)) for f in files)

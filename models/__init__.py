@@ -31,7 +31,11 @@ from alpt_keras.models.layers import (
     InnerProducts,
     SumFields,
 )
-from alpt_keras.models.synthetic import SyntheticCTR, make_synthetic_ctr
+from alpt_keras.models.synthetic import (
+    SyntheticCTR,
+    criteo_like_synthetic,
+    make_synthetic_ctr,
+)
 
 __all__ = [
     "EMBEDDING_KINDS",
@@ -52,6 +56,7 @@ __all__ = [
     "build_dnn",
     "build_ipnn",
     "build_wide_deep",
+    "criteo_like_synthetic",
     "feature_inputs",
     "make_synthetic_ctr",
     "simple_features",

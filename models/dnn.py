@@ -6,8 +6,7 @@ DeepFM, IPNN, DLRM, Wide&Deep) arrive with issue 3.
 
 from alpt_keras import ALPTEmbedding
 from alpt_keras._keras import keras
-
-SUPPORTED_EMBEDDINGS = ("float32", "lpt", "alpt")
+from alpt_keras.models.features import EMBEDDING_KINDS
 
 
 def build_dnn(
@@ -34,9 +33,9 @@ def build_dnn(
         num_bits, rounding, step_size, storage: `ALPTEmbedding` settings.
         seed: int. Seeds every initializer.
     """
-    if embedding not in SUPPORTED_EMBEDDINGS:
+    if embedding not in EMBEDDING_KINDS:
         raise ValueError(
-            f"`embedding` must be one of {SUPPORTED_EMBEDDINGS}. "
+            f"`embedding` must be one of {EMBEDDING_KINDS}. "
             f"Received: embedding={embedding!r}"
         )
     ids = keras.Input(shape=(num_fields,), dtype="int64", name="ids")

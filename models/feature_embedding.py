@@ -2,8 +2,10 @@
 
 import tensorflow as tf
 
+from alpt_keras import ALPTEmbedding
 from alpt_keras._keras import keras, register
 from alpt_keras.models.features import FeatureConfig
+from alpt_keras.table import combine
 
 
 @register
@@ -99,17 +101,13 @@ class FeatureEmbedding(keras.layers.Layer):
             bags = tf.ragged.boolean_mask(ids, tf.not_equal(ids, -1))
             rows = self._lookup(table, bags.flat_values, training)
             sums = tf.reduce_sum(bags.with_flat_values(rows), axis=1)
-            counts = tf.maximum(tf.cast(bags.row_lengths(), rows.dtype), 1.0)
-            if feature.combiner == "mean":
-                sums = sums / counts[:, None]
-            elif feature.combiner == "sqrtn":
-                sums = sums / tf.sqrt(counts)[:, None]
-            columns.append(sums)  # (B, D)
+            counts = bags.row_lengths()[:, None]
+            columns.append(combine(sums, counts, feature.combiner))  # (B, D)
         return tf.stack(columns, axis=1)  # (B, F, D)
 
     @staticmethod
     def _lookup(table, ids, training):
-        if hasattr(table, "codes"):  # ALPTEmbedding
+        if isinstance(table, ALPTEmbedding):
             return table(ids, training=training)
         return table(ids)
 

@@ -106,3 +106,26 @@ def make_synthetic_ctr(
                         probabilities.astype(np.float32),
                         vocab_size if np.isscalar(vocab_size)
                         else [int(v) for v in sizes])
+
+
+def criteo_like_synthetic(num_examples, seed, num_fields=26, vocab_size=None,
+                          zipf_exponent=1.2):
+    """The built-in default data of `alpt-train`: by default Criteo-like,
+    26 fields with vocabularies from 10 to ~30,000 ids, power-law id
+    frequencies and a hidden logistic click model.
+
+    Args:
+        num_examples: int, rows to draw.
+        seed: int.
+        num_fields: int, categorical fields.
+        vocab_size: int (every field) or `None` for the Criteo-like sizes
+            `10^1 … 10^4.5`.
+        zipf_exponent: float > 1, or `0`/`None` for uniform ids.
+    """
+    if vocab_size is None:
+        vocab_size = [int(round(10 ** e))
+                      for e in np.linspace(1.0, 4.5, num_fields)]
+    return make_synthetic_ctr(
+        num_examples, num_fields=num_fields, vocab_size=vocab_size,
+        weight_scale=0.35 * (26 / num_fields) ** 0.5,
+        zipf_exponent=zipf_exponent or None, seed=seed)

@@ -10,7 +10,7 @@ from alpt_keras import ALPTEmbedding, ALPTOptimizer, quantizers
 from alpt_keras._keras import keras
 from alpt_keras.models.dnn import build_dnn
 from alpt_keras.models.synthetic import make_synthetic_ctr
-from alpt_keras.table import unpack_codes
+from alpt_keras.storage import unpack_codes
 from tests.core.helpers import replica_values
 
 FIELDS, VOCAB, BATCH = 4, 300, 256

@@ -131,29 +131,44 @@ def test_under_xla_the_layer_refuses_clearly():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "kwargs, error, message",
     [
-        (dict(input_dim=0), "input_dim=0"),
-        (dict(input_dim=2.5), "input_dim=2.5"),
-        (dict(output_dim=-1), "output_dim=-1"),
-        (dict(num_bits=9), "num_bits=9"),
-        (dict(num_bits=1), "num_bits=1"),
-        (dict(step_size="column"), "step_size='column'"),
-        (dict(rounding="nearest"), "rounding='nearest'"),
-        (dict(learn_step_size="yes"), "learn_step_size='yes'"),
-        (dict(seed="a"), "seed='a'"),
-        (dict(combiner="max"), "combiner='max'"),
-        (dict(min_step_size=0.0), "min_step_size=0.0"),
-        (dict(noise_salt=1.5), "noise_salt=1.5"),
-        (dict(storage="int4"), "storage='int4'"),
+        (dict(input_dim=0), ValueError, "input_dim=0"),
+        (dict(input_dim=2.5), TypeError, "input_dim=2.5"),
+        (dict(output_dim=-1), ValueError, "output_dim=-1"),
+        (dict(num_bits=9), ValueError, "num_bits=9"),
+        (dict(num_bits=1), ValueError, "num_bits=1"),
+        (dict(num_bits=4.0), TypeError, "num_bits=4.0"),
+        (dict(step_size="column"), ValueError, "step_size='column'"),
+        (dict(rounding="nearest"), ValueError, "rounding='nearest'"),
+        (dict(learn_step_size="yes"), TypeError, "learn_step_size='yes'"),
+        (dict(seed="a"), TypeError, "seed='a'"),
+        (dict(combiner="max"), ValueError, "combiner='max'"),
+        (dict(min_step_size=0.0), ValueError, "min_step_size=0.0"),
+        (dict(min_step_size="1"), TypeError, "min_step_size='1'"),
+        (dict(noise_salt=1.5), TypeError, "noise_salt=1.5"),
+        (dict(storage="int4"), ValueError, "storage='int4'"),
     ],
 )
-def test_bad_constructor_values_are_quoted(kwargs, message):
+def test_bad_constructor_values_are_quoted(kwargs, error, message):
+    """Wrong types are `TypeError`, wrong values `ValueError` (style
+    guide); both quote the argument and the value received."""
     args = dict(input_dim=V, output_dim=D)
     args.update(kwargs)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(error) as info:
         ALPTEmbedding(**args)
     assert message in str(info.value)
+
+
+def test_numpy_numbers_are_accepted_like_python_ones():
+    layer = ALPTEmbedding(np.int64(V), np.int32(D), num_bits=np.int64(4),
+                          seed=np.int64(3), min_step_size=np.float32(1e-6),
+                          learn_step_size=np.bool_(True))
+    assert (layer.input_dim, layer.output_dim, layer.num_bits) == (V, D, 4)
+    assert all(type(x) is int for x in (layer.input_dim, layer.num_bits,
+                                         layer.seed))
+    assert layer.learn_step_size is True
+    assert layer.get_config()["num_bits"] == 4
 
 
 @pytest.mark.parametrize("block_rows", [1 << 16, 7])  # 7: 5 blocks
@@ -221,9 +236,14 @@ def test_get_config_round_trip():
     config = layer.get_config()
     clone = ALPTEmbedding.from_config(config)
     assert clone.get_config() == config
-    for key in ("num_bits", "step_size", "rounding", "learn_step_size",
-                "seed", "combiner", "min_step_size", "noise_salt"):
+    for key in ("num_bits", "step_size_mode", "rounding",
+                "learn_step_size", "seed", "combiner", "min_step_size",
+                "noise_salt"):
         assert getattr(clone, key) == getattr(layer, key)
+    # The constructor argument `step_size` is the mode; `step_sizes` is Δ.
+    assert config["step_size"] == clone.step_size_mode == "table"
+    clone.build(None)
+    assert tuple(clone.step_sizes.shape) == (1, 1)
 
 
 def _trained_model(tmp_seed=0):

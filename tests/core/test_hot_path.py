@@ -3,9 +3,8 @@
 import pytest
 import tensorflow as tf
 
-from alpt_keras import ALPTEmbedding, ALPTOptimizer
+from alpt_keras import ALPTEmbedding, ALPTOptimizer, step_size_pass
 from alpt_keras._keras import keras
-from alpt_keras.table import step_size_pass
 
 V, D = 9973, 16  # a prime no other tensor dimension will match
 

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from alpt_keras import ALPTEmbedding, ALPTOptimizer
 from alpt_keras._keras import keras
-from alpt_keras.table import pack_codes, unpack_codes, words_per_row
+from alpt_keras.storage import pack_codes, unpack_codes, words_per_row
 from tests.core.helpers import step_layer, value
 
 V, D = 50, 16

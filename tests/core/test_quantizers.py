@@ -15,10 +15,17 @@ def test_code_range(bits, expected):
     assert quantizers.code_range(bits) == expected
 
 
-@pytest.mark.parametrize("bad", [1, 9, 0, 4.0, "8", None, True])
-def test_num_bits_validation_quotes_value(bad):
-    with pytest.raises(ValueError, match=r"num_bits=.*" + repr(bad)[:3]):
+@pytest.mark.parametrize("bad, error", [
+    (1, ValueError), (9, ValueError), (0, ValueError), (4.0, TypeError),
+    ("8", TypeError), (None, TypeError), (True, TypeError)])
+def test_num_bits_validation_quotes_value(bad, error):
+    with pytest.raises(error, match=r"num_bits=" + repr(bad)[:3]):
         quantizers.validate_num_bits(bad)
+
+
+def test_num_bits_accepts_numpy_integers():
+    assert quantizers.validate_num_bits(np.int64(4)) == 4
+    assert quantizers.code_range(np.int8(2)) == (-2, 1)
 
 
 def test_round_half_up_table():

@@ -168,7 +168,7 @@ def test_sharded_training_lookups_and_checkpoints(resolver, data, tmp_path):
 
 
 def test_partitioner_shards_only_row_variables():
-    from alpt_keras.table import row_variables
+    from alpt_keras.sharding import row_variables
 
     partitioner = RowPartitioner(2)
     assert partitioner(tf.TensorShape([300, 16]), tf.float32) == [1, 1]

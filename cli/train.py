@@ -11,21 +11,27 @@ tables and their optimizer state (and of their float32 equivalent). With
 vocabulary, and keeps a `BackupAndRestore` backup: rerunning the same
 command resumes from the last finished epoch.
 
-This command is the only module that may import both `models` and `export`.
+The steps of `main`: parse and check the flags, pick the strategy, load
+the data, build the model, fit, evaluate, export, save. This package (the
+CLI) is the only one that imports both `models` and `export`.
 """
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import sys
 import tempfile
 import time
+import typing
 
 import numpy as np
 
+from alpt_keras.models.features import EMBEDDING_KINDS
+
 DATASETS = ("synthetic", "criteo", "avazu", "movielens")
-EMBEDDINGS = ("float32", "lpt", "alpt")
 
 
 def _parser():
@@ -36,7 +42,7 @@ def _parser():
     p.add_argument("--data-path", help="Criteo TSV or Avazu CSV file.")
     p.add_argument("--model", default="dnn",
                    help="dnn, dcn, deepfm, ipnn, dlrm or wide_deep.")
-    p.add_argument("--embedding", choices=EMBEDDINGS, default="alpt")
+    p.add_argument("--embedding", choices=EMBEDDING_KINDS, default="alpt")
     p.add_argument("--bits", type=int, default=8)
     p.add_argument("--storage", choices=("auto", "int8", "packed"),
                    default="auto",
@@ -222,25 +228,37 @@ def table_digests(model):
 
     import tensorflow as tf
 
+    from alpt_keras import tables
+
     digests = {}
-    for layer in model.get_layer("embedding").tables:
-        if not hasattr(layer, "codes"):
-            continue
+    for table in tables(model):
         h = hashlib.sha256()
-        for variable in (layer.codes, layer.step_sizes):
+        for variable in (table.codes, table.step_sizes):
             # (convert_to_tensor also joins parameter-server shards)
             h.update(np.asarray(tf.convert_to_tensor(variable)).tobytes())
-        digests[layer.name] = h.hexdigest()
+        digests[table.name] = h.hexdigest()
     return digests
+
+
+def _float_tables(model):
+    """The `keras.layers.Embedding` layers of `model` (float32 tables)."""
+    from alpt_keras._keras import flatten_layers, keras
+
+    return [layer for layer in flatten_layers(model)
+            if isinstance(layer, keras.layers.Embedding)]
 
 
 def shard_layout(model, optimizer):
     """Variable name -> [[device, rows], ...] of every sharded variable
     (ParameterServerStrategy), for the report."""
-    candidates = [(f"{t.name}/{n}", getattr(t, n))
-                  for t in model.get_layer("embedding").tables
-                  for n in ("codes", "step_sizes", "embeddings")
-                  if hasattr(t, n)]
+    from alpt_keras import tables
+
+    candidates = []
+    for table in tables(model):
+        candidates += [(f"{table.name}/codes", table.codes),
+                       (f"{table.name}/step_sizes", table.step_sizes)]
+    candidates += [(f"{layer.name}/embeddings", layer.embeddings)
+                   for layer in _float_tables(model)]
     candidates += [(None, v) for v in optimizer.variables]
     layout = {}
     for name, variable in candidates:
@@ -269,22 +287,6 @@ def _setup_devices(devices):
     return tf.distribute.MirroredStrategy(names)
 
 
-def synthetic_data(num_examples, seed, num_fields=26, vocab_size=None,
-                   zipf_exponent=1.2):
-    """The built-in synthetic CTR data. By default Criteo-like: 26 fields
-    with vocabularies from 10 to ~30,000 ids, power-law id frequencies, a
-    hidden logistic click model."""
-    from alpt_keras.models.synthetic import make_synthetic_ctr
-
-    if vocab_size is None:
-        vocab_size = [int(round(10 ** e))
-                      for e in np.linspace(1.0, 4.5, num_fields)]
-    return make_synthetic_ctr(
-        num_examples, num_fields=num_fields, vocab_size=vocab_size,
-        weight_scale=0.35 * (26 / num_fields) ** 0.5,
-        zipf_exponent=zipf_exponent or None, seed=seed)
-
-
 def _load_data(args, table_kwargs):
     """Returns feature configs, the three splits and data facts."""
     import tensorflow as tf
@@ -296,9 +298,11 @@ def _load_data(args, table_kwargs):
     info = {"dataset": args.dataset}
     if args.dataset == "synthetic":
         from alpt_keras.models.features import simple_features
+        from alpt_keras.models.synthetic import criteo_like_synthetic
 
-        data = synthetic_data(args.num_examples, args.seed, args.num_fields,
-                              args.vocab_size, args.zipf_exponent)
+        data = criteo_like_synthetic(args.num_examples, args.seed,
+                                     args.num_fields, args.vocab_size,
+                                     args.zipf_exponent)
         train, rest = data.split(0.8)
         validation, test = rest.split(0.5)
         names = [f"C{i + 1}" for i in range(data.ids.shape[1])]
@@ -339,38 +343,69 @@ def _nbytes(variable):
 
 
 def table_bytes(model, optimizer):
-    """Bytes of the embedding tables, their optimizer state, and of the
-    float32 equivalent (float32 table + Keras Adam's two slots)."""
-    tables, state, float32_rows = 0, 0, 0
-    for layer in model.get_layer("embedding").tables:
-        for variable in layer.weights:
-            name = variable.name.split("/")[-1].split(":")[0]
-            if name in ("codes", "step_sizes", "embeddings"):
-                tables += _nbytes(variable)
-        float32_rows += layer.input_dim * layer.output_dim
-    inner = getattr(optimizer, "inner_optimizer", None)
-    if inner is not None:
-        inner_ids = {id(v) for v in inner.variables}
-        state = sum(_nbytes(v) for v in optimizer.variables
-                    if id(v) not in inner_ids and len(v.shape) == 2)
-    else:
-        shapes = {tuple(v.shape) for v in model.get_layer(
-            "embedding").weights}
+    """Bytes of the embedding tables, their optimizer state (from the rule
+    specs), and of the float32 equivalent (float32 table + Keras Adam's two
+    slots)."""
+    from alpt_keras import tables
+
+    alpt, floats = tables(model), _float_tables(model)
+    table_bytes_ = sum(_nbytes(t.codes) + _nbytes(t.step_sizes)
+                       for t in alpt)
+    table_bytes_ += sum(_nbytes(layer.embeddings) for layer in floats)
+    float32_rows = sum(t.spec.input_dim * t.spec.output_dim for t in alpt)
+    float32_rows += sum(int(np.prod(layer.embeddings.shape))
+                        for layer in floats)
+    if hasattr(optimizer, "state_bytes"):  # ALPTOptimizer
+        state = sum(optimizer.state_bytes(t.spec) for t in alpt)
+    else:  # the inner optimizer's slots of the float tables
+        shapes = {tuple(layer.embeddings.shape) for layer in floats}
         state = sum(_nbytes(v) for v in optimizer.variables
                     if tuple(v.shape) in shapes)
-    return {"tables": tables, "optimizer_state": state,
+    return {"tables": table_bytes_, "optimizer_state": state,
             "float32_tables": 4 * float32_rows,
             "float32_adam_state": 8 * float32_rows}
 
 
-def main(argv=None):
+@dataclasses.dataclass
+class _Run:
+    """What the steps of one `alpt-train` run share."""
+
+    args: argparse.Namespace
+    cluster: dict
+    strategy: object
+    output_dir: str
+
+    @property
+    def parameter_server(self):
+        return self.cluster is not None and \
+            self.cluster["kind"] == "parameter_server"
+
+    @property
+    def is_chief(self):
+        return self.cluster is None or self.cluster["is_chief"]
+
+
+class _Data(typing.NamedTuple):
+    features: list
+    train: object
+    validation: object
+    test: object
+    info: dict
+    pipeline: object
+
+
+def parse_args(argv=None):
+    """Step 1: the flags, checked."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     _check(args)
-    cluster = cluster_from_env()
+    return args
+
+
+def setup(args, cluster):
+    """Step 2: the strategy, the storage and the output folder of this
+    task."""
     parameter_server = cluster is not None and \
         cluster["kind"] == "parameter_server"
-    if parameter_server and cluster["task_type"] != "chief":
-        return _serve_task(cluster)
     if parameter_server:
         strategy = _parameter_server_strategy(args, cluster)
     elif cluster is not None:
@@ -380,35 +415,46 @@ def main(argv=None):
     if args.storage == "auto":
         multi_worker = cluster is not None and not parameter_server
         args.storage = "packed" if multi_worker else "int8"
-    is_chief = cluster is None or cluster["is_chief"]
     output_dir = args.output_dir
-    if output_dir and not is_chief:
+    if output_dir and cluster is not None and not cluster["is_chief"]:
         # Other workers report (for the consistency check) but leave the
         # model files, vocabulary and export to the chief.
         output_dir = os.path.join(
             output_dir, f"{cluster['task_type']}-{cluster['task_index']}")
-    import contextlib
-
     import tensorflow as tf
 
-    from alpt_keras import ALPTMonitor, ALPTOptimizer
-    from alpt_keras._keras import keras
-    from alpt_keras.models.ctr_models import build_ctr_model
-
     tf.keras.utils.set_random_seed(args.seed)
+    return _Run(args, cluster, strategy, output_dir)
+
+
+def load_data(run):
+    """Step 3: feature configs and the train/validation/test splits."""
+    args = run.args
     table_kwargs = dict(embedding_dim=args.embedding_dim,
                         kind=args.embedding, num_bits=args.bits,
                         rounding=args.rounding, step_size=args.step_size,
                         seed=args.seed, storage=args.storage)
     features, (train, validation, test), info, pipeline = _load_data(
         args, table_kwargs)
-    if output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-        if pipeline is not None and is_chief:
+    if run.output_dir:
+        os.makedirs(run.output_dir, exist_ok=True)
+        if pipeline is not None and run.is_chief:
             pipeline.save_vocabulary(
-                os.path.join(output_dir, "vocabulary.json"))
+                os.path.join(run.output_dir, "vocabulary.json"))
+    return _Data(features, train, validation, test, info, pipeline)
 
-    def build_and_compile():
+
+def build_model(run, features):
+    """Step 4: the compiled model and its optimizer (under the strategy's
+    scope when there is one)."""
+    from alpt_keras import ALPTOptimizer
+    from alpt_keras._keras import keras
+    from alpt_keras.models.ctr_models import build_ctr_model
+
+    args = run.args
+    scope = run.strategy.scope() if run.strategy else \
+        contextlib.nullcontext()
+    with scope:
         model = build_ctr_model(features, model=args.model,
                                 hidden_units=args.hidden_units,
                                 seed=args.seed)
@@ -422,13 +468,18 @@ def main(argv=None):
                 step_size_learning_rate=args.step_size_learning_rate)
         model.compile(optimizer=optimizer, loss="binary_crossentropy",
                       metrics=[keras.metrics.AUC(name="auc")])
-        return model, optimizer
+    return model, optimizer
 
-    scope = strategy.scope() if strategy else contextlib.nullcontext()
-    with scope:
-        model, optimizer = build_and_compile()
+
+def fit(run, model, data):
+    """Step 5: `model.fit` with the run's callbacks; returns the history
+    and the training seconds."""
+    from alpt_keras import ALPTMonitor
+    from alpt_keras._keras import keras
+
+    args = run.args
     callbacks = []
-    if args.output_dir and not parameter_server:
+    if args.output_dir and not run.parameter_server:
         # Not under ParameterServerStrategy: tf_keras documents support,
         # but resuming a PSS run is not tested here; the chief saves a
         # sharded checkpoint at the end instead.
@@ -443,49 +494,61 @@ def main(argv=None):
             os.path.join(args.output_dir, "tensorboard")))
     verbose = args.verbose if args.verbose is not None else (
         1 if sys.stdout.isatty() else 2)
-    start = time.perf_counter()
+    train = data.train
     # Data order is fixed (no shuffling), so a resumed run repeats exactly
     # the batches an uninterrupted one would see.
-    fit_args = dict(validation_data=validation)
-    if parameter_server:
+    fit_args = dict(validation_data=data.validation)
+    if run.parameter_server:
         # Workers pull batches from their own copy of the repeated data set;
         # an epoch is a number of steps. (No validation pass under PSS.)
         steps = int(train.cardinality())
         if steps < 0:
             steps = sum(1 for _ in train)
         train, fit_args = train.repeat(), dict(steps_per_epoch=steps)
+    start = time.perf_counter()
     history = model.fit(train, epochs=args.epochs, callbacks=callbacks,
                         verbose=verbose, shuffle=False, **fit_args)
-    seconds = time.perf_counter() - start
-    trained = model
-    if parameter_server:
-        # The full training state (sharded tables, optimizer) as a TF
-        # checkpoint, which restores onto any number of shards: here onto
-        # one local copy that evaluates, saves and exports like a
-        # single-process model.
-        checkpoint_dir = os.path.join(output_dir, "checkpoint") if \
-            output_dir else tempfile.mkdtemp()
-        path = tf.train.Checkpoint(model=model, optimizer=optimizer).save(
-            os.path.join(checkpoint_dir, "ckpt"))
-        model, local_optimizer = build_and_compile()
-        local_optimizer.build(model.trainable_variables)
-        tf.train.Checkpoint(model=model, optimizer=local_optimizer).restore(
-            path).assert_existing_objects_matched()
-        if not output_dir:
-            shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    loss, auc = model.evaluate(test, verbose=0)
+    return history, time.perf_counter() - start
+
+
+def gather_from_parameter_servers(run, model, optimizer, features):
+    """Step 5b (ParameterServerStrategy): the full training state (sharded
+    tables, optimizer) as a TF checkpoint, restored onto one local copy
+    that evaluates, saves and exports like a single-process model (a TF
+    checkpoint restores onto any number of shards)."""
+    import tensorflow as tf
+
+    checkpoint_dir = os.path.join(run.output_dir, "checkpoint") if \
+        run.output_dir else tempfile.mkdtemp()
+    path = tf.train.Checkpoint(model=model, optimizer=optimizer).save(
+        os.path.join(checkpoint_dir, "ckpt"))
+    local = dataclasses.replace(run, strategy=None)
+    model, local_optimizer = build_model(local, features)
+    local_optimizer.build(model.trainable_variables)
+    tf.train.Checkpoint(model=model, optimizer=local_optimizer).restore(
+        path).assert_existing_objects_matched()
+    if not run.output_dir:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return model
+
+
+def evaluate(run, model, trained, optimizer, data, history, seconds):
+    """Step 6: test metrics and the report (printed, returned)."""
+    args = run.args
+    loss, auc = model.evaluate(data.test, verbose=0)
     epochs_run = list(history.epoch)
     report = {
         "config": {k: v for k, v in vars(args).items()},
-        "data": info,
+        "data": data.info,
         "metrics": {"test_auc": float(auc), "test_logloss": float(loss)},
         "history": {k: [float(x) for x in v]
                     for k, v in history.history.items()},
         "epochs_completed": args.epochs,
-        "replicas": strategy.num_replicas_in_sync if strategy else 1,
-        "cluster": cluster,
+        "replicas": run.strategy.num_replicas_in_sync if run.strategy
+        else 1,
+        "cluster": run.cluster,
         "table_digests": table_digests(trained),
-        "shards": shard_layout(trained, optimizer) if parameter_server
+        "shards": shard_layout(trained, optimizer) if run.parameter_server
         else {},
         "resumed_from_epoch": epochs_run[0] if epochs_run else args.epochs,
         "train_seconds": seconds,
@@ -498,6 +561,7 @@ def main(argv=None):
           f"({args.embedding}"
           f"{'' if args.embedding == 'float32' else f'-{args.bits}bit'}, "
           f"{args.model}, {args.dataset})")
+    info = data.info
     if "hidden_model_test" in info:
         print(f"hidden click model on the test split: AUC "
               f"{info['hidden_model_test']['auc']:.4f}  logloss "
@@ -506,39 +570,71 @@ def main(argv=None):
           f"{b['optimizer_state']:,} B  vs  float32 {b['float32_tables']:,}"
           f" B + Adam {b['float32_adam_state']:,} B  "
           f"({ratio:.3f}x)")
-    if args.export_dir and is_chief:
-        from alpt_keras.export.cli import print_size_report
-        from alpt_keras.export.saved_model import (
-            export_for_serving,
-            export_size_report,
-        )
+    return report
 
-        # Warm-up requests from real rows: the first test batch (<= 256).
-        features, _ = next(iter(test))
-        warmup = {k: np.asarray(v)[:256] for k, v in features.items()}
-        version_dir = export_for_serving(model, args.export_dir,
-                                         args.model_name,
-                                         warmup_examples=warmup)
-        size = export_size_report(version_dir)
-        print_size_report(size)
-        print(f"exported {version_dir}")
-        report["export"] = {"path": version_dir,
-                            "total_bytes": size["total_bytes"],
-                            "tables": size["tables"]}
-    if output_dir:
-        # Every worker saves (reading synchronised metric variables is a
-        # collective); the others write into a scratch dir and drop it.
-        model_dir = output_dir if is_chief else tempfile.mkdtemp(
-            dir=output_dir)
-        model.save_weights(os.path.join(model_dir, "model.weights.h5"))
-        model.save(os.path.join(model_dir, "model.keras"))
-        if not is_chief:
-            shutil.rmtree(model_dir, ignore_errors=True)
-        path = os.path.join(output_dir, "report.json")
-        with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-        os.replace(f"{path}.tmp", path)
-        print(f"wrote {path}")
+
+def export(run, model, test, report):
+    """Step 7: the TF Serving export, with warm-up requests from the first
+    test batch (<= 256 rows); adds its sizes to `report`."""
+    from alpt_keras.export.cli import print_size_report
+    from alpt_keras.export.saved_model import (
+        export_for_serving,
+        export_size_report,
+    )
+
+    features, _ = next(iter(test))
+    warmup = {k: np.asarray(v)[:256] for k, v in features.items()}
+    version_dir = export_for_serving(model, run.args.export_dir,
+                                     run.args.model_name,
+                                     warmup_examples=warmup)
+    size = export_size_report(version_dir)
+    print_size_report(size)
+    print(f"exported {version_dir}")
+    report["export"] = {"path": version_dir,
+                        "total_bytes": size["total_bytes"],
+                        "tables": size["tables"]}
+
+
+def save(run, model, report):
+    """Step 8: weights, `.keras` model and `report.json`."""
+    # Every worker saves (reading synchronised metric variables is a
+    # collective); the others write into a scratch dir and drop it.
+    output_dir = run.output_dir
+    model_dir = output_dir if run.is_chief else tempfile.mkdtemp(
+        dir=output_dir)
+    model.save_weights(os.path.join(model_dir, "model.weights.h5"))
+    model.save(os.path.join(model_dir, "model.keras"))
+    if not run.is_chief:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    path = os.path.join(output_dir, "report.json")
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    os.replace(f"{path}.tmp", path)
+    print(f"wrote {path}")
+
+
+def main(argv=None):
+    """`alpt-train`: parse → data → model → fit → evaluate → export → save.
+    Returns the exit status."""
+    args = parse_args(argv)
+    cluster = cluster_from_env()
+    if cluster is not None and cluster["kind"] == "parameter_server" and \
+            cluster["task_type"] != "chief":
+        return _serve_task(cluster)
+    run = setup(args, cluster)
+    data = load_data(run)
+    model, optimizer = build_model(run, data.features)
+    history, seconds = fit(run, model, data)
+    trained = model
+    if run.parameter_server:
+        model = gather_from_parameter_servers(run, model, optimizer,
+                                              data.features)
+    report = evaluate(run, model, trained, optimizer, data, history,
+                      seconds)
+    if args.export_dir and run.is_chief:
+        export(run, model, data.test, report)
+    if run.output_dir:
+        save(run, model, report)
     return 0
 
 

@@ -1,0 +1,172 @@
+"""Where a table's codes live: int8 or bit-packed int32 words.
+
+A storage is a small interface over one variable, `read_rows(ids)`,
+`write_rows(ids, codes)` and `read_all()`, with int32 codes on the
+outside, so the layer and the optimizer never depend on the container.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from alpt_keras import _keras
+
+
+class Int8Storage:
+    """Codes in one int8 variable of shape `[V, D]` (the default).
+
+    Rows are read with `tf.nn.embedding_lookup`, which returns them in id
+    order for plain, mirrored and sharded variables alike (`tf.gather` on a
+    `ShardedVariable` returns shard order).
+    """
+
+    kind = "int8"
+    dtype = tf.int8
+
+    def __init__(self, variable):
+        self.variable = variable
+
+    def read_rows(self, ids):
+        """int32 codes of rows `ids`, shape `[U, D]`."""
+        rows = tf.nn.embedding_lookup(_keras.tf_variable(self.variable), ids)
+        return tf.cast(rows, tf.int32)
+
+    def write_rows(self, ids, codes):
+        """Writes int codes `[U, D]` (already clipped) into rows `ids`."""
+        update = tf.IndexedSlices(tf.cast(codes, self.dtype), ids)
+        return _keras.tf_variable(self.variable).scatter_update(update)
+
+    def read_all(self):
+        return tf.cast(tf.convert_to_tensor(self.variable), tf.int32)
+
+
+# ----------------------------------------------------------------- packing
+# Word type of packed storage: int32.
+# - Collectives accept it (bool/f16/bf16/f32/f64/int32/int64 only), so a
+#   packed table can be created and broadcast under
+#   MultiWorkerMirroredStrategy, where an int8 variable cannot even exist.
+# - GPU: TF registers no GPU `ResourceGather`/`ResourceScatterUpdate`
+#   kernels for int32 (resource_variable_ops.cc), so an int32 table is placed
+#   on the host with its gather and scatter, and a step moves only the
+#   gathered rows to the device (O(U·W)). An int8 table on a GPU instead
+#   pays TF's integer-scatter host round trip, a copy of the whole table each
+#   way per scatter (O(V·D)).
+# - float32 words would stay on the GPU, but arbitrary bit patterns include
+#   NaNs and denormals, which NaN guards (`check_numerics`, the optimizer's
+#   finite-update check) reject and flush-to-zero arithmetic corrupts.
+# - int64 words have device GPU gather/scatter kernels, but their 8-byte
+#   granularity wastes space on narrow rows (a 16-wide 2-bit row needs 4
+#   bytes); a GPU-resident int64 mode can be added behind this interface.
+WORD_BITS = 32
+PACKED_DTYPE = tf.int32
+SUPPORTED_STORAGE = ("int8", "packed")
+
+
+def words_per_row(output_dim, num_bits):
+    """`ceil(D · b / 32)`: int32 words holding one row of `D` b-bit codes."""
+    return -(-output_dim * num_bits // WORD_BITS)
+
+
+def _layout(output_dim, num_bits):
+    """Word index and bit offset of each code: code `j` starts at bit
+    `j · b` of the row's bit string (little-endian within a word)."""
+    start = np.arange(output_dim, dtype=np.int64) * num_bits
+    return start // WORD_BITS, start % WORD_BITS
+
+
+def pack_codes(codes, num_bits):
+    """Packs signed b-bit codes `[U, D]` into int32 words `[U, W]`.
+
+    A code `c` is stored as the unsigned `c + 2^(b-1)` in bits
+    `[j·b, j·b + b)` of the row; codes may straddle two words when `b` does
+    not divide 32. Only the given rows are packed.
+    """
+    codes = tf.convert_to_tensor(codes)
+    dim = codes.shape[-1]
+    num_words = words_per_row(dim, num_bits)
+    unsigned = tf.cast(codes, tf.int64) + (1 << (num_bits - 1))
+    if WORD_BITS % num_bits == 0:
+        # Fast path (2, 4, 8 bits): whole codes per word, no straddling.
+        per_word = WORD_BITS // num_bits
+        pad = num_words * per_word - dim
+        if pad:
+            unsigned = tf.pad(unsigned, [[0, 0], [0, pad]])
+        unsigned = tf.reshape(unsigned, [-1, num_words, per_word])
+        shifts = tf.constant(np.arange(per_word) * num_bits, tf.int64)
+        words = tf.reduce_sum(tf.bitwise.left_shift(unsigned, shifts), -1)
+    else:
+        word, offset = _layout(dim, num_bits)
+        low = tf.bitwise.bitwise_and(
+            tf.bitwise.left_shift(unsigned, offset), 0xFFFFFFFF)
+        high = tf.bitwise.right_shift(unsigned, WORD_BITS - offset)
+        # Disjoint bit fields: a sum per word is their OR.
+        words = tf.math.unsorted_segment_sum(
+            tf.transpose(tf.concat([low, high], axis=1)),
+            np.concatenate([word, np.minimum(word + 1, num_words - 1)]),
+            num_words,
+        )
+        words = tf.transpose(words)
+    # [0, 2^32) -> the int32 with the same bits.
+    words = tf.where(words >= 2**31, words - 2**32, words)
+    return tf.cast(words, PACKED_DTYPE)
+
+
+def unpack_codes(words, num_bits, output_dim):
+    """Inverse of `pack_codes`: int32 words `[U, W]` -> int32 codes
+    `[U, D]` (static last dimension `D`)."""
+    words = tf.bitwise.bitwise_and(
+        tf.cast(tf.convert_to_tensor(words), tf.int64), 0xFFFFFFFF)
+    mask = (1 << num_bits) - 1
+    if WORD_BITS % num_bits == 0:
+        per_word = WORD_BITS // num_bits
+        shifts = tf.constant(np.arange(per_word) * num_bits, tf.int64)
+        fields = tf.bitwise.right_shift(words[:, :, None], shifts)
+        unsigned = tf.reshape(fields, [-1, words.shape[-1] * per_word])
+        unsigned = unsigned[:, :output_dim]
+    else:
+        word, offset = _layout(output_dim, num_bits)
+        padded = tf.pad(words, [[0, 0], [0, 1]])
+        window = tf.bitwise.bitwise_or(
+            tf.gather(padded, word, axis=1),
+            tf.bitwise.left_shift(tf.gather(padded, word + 1, axis=1),
+                                  WORD_BITS),
+        )
+        unsigned = tf.bitwise.right_shift(window, offset)
+    unsigned = tf.bitwise.bitwise_and(unsigned, mask)
+    codes = tf.cast(unsigned, tf.int32) - (1 << (num_bits - 1))
+    return tf.ensure_shape(codes, [None, output_dim])
+
+
+class PackedStorage:
+    """b-bit codes bit-packed into int32 words, a `[V, ceil(D·b/32)]`
+    variable (`storage="packed"`): 8-bit codes take 1 byte, 4-bit 1/2 and
+    2-bit 1/4. Only gathered rows are unpacked and only written rows are
+    repacked; codes are identical to `Int8Storage` for the same seed."""
+
+    kind = "packed"
+    dtype = PACKED_DTYPE
+
+    def __init__(self, variable, num_bits, output_dim):
+        self.variable = variable
+        self.num_bits = num_bits
+        self.output_dim = output_dim
+
+    def read_rows(self, ids):
+        words = tf.nn.embedding_lookup(_keras.tf_variable(self.variable), ids)
+        return unpack_codes(words, self.num_bits, self.output_dim)
+
+    def write_rows(self, ids, codes):
+        update = tf.IndexedSlices(pack_codes(codes, self.num_bits), ids)
+        return _keras.tf_variable(self.variable).scatter_update(update)
+
+    def read_all(self):
+        return unpack_codes(tf.convert_to_tensor(self.variable),
+                            self.num_bits, self.output_dim)
+
+
+
+def make_storage(kind, variable, num_bits, output_dim):
+    """The storage object of `kind` (`SUPPORTED_STORAGE`) over
+    `variable`."""
+    if kind == "packed":
+        return PackedStorage(variable, num_bits, output_dim)
+    return Int8Storage(variable)
