@@ -7,20 +7,26 @@ results.
 """
 
 import copy
+import dataclasses
 import functools
 
 import tensorflow as tf
 
 from alpt_keras import _keras, update
 from alpt_keras.sharding import row_variables
-from alpt_keras.table import checked_ids, find_table, register_optimizer
+from alpt_keras.table import (
+    checked_ids,
+    find_table,
+    register_optimizer,
+    tables_of,
+)
 from alpt_keras.two_pass import (
     PendingStep,
     PendingTable,
     TwoPassOptimizerMixin,
     TwoPassState,
 )
-from alpt_keras.validation import check_choice, check_float
+from alpt_keras.validation import check_choice
 
 keras = _keras.keras
 
@@ -60,49 +66,36 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
     Dense variables go to `inner_optimizer` unchanged (its learning-rate
     schedule, clipping and weight decay apply to them only). For every ALPT
     table, each step sums the row gradients of all replicas and of
-    duplicate ids (`unique` + `unsorted_segment_sum`), then runs the pure
-    step of `alpt_keras.update` on the touched rows only:
+    duplicate ids, then runs the pure step of `alpt_keras.update` on the
+    touched rows only (never a `[V, D]` operation): the table optimizer
+    (`w' = EmbOpt(Δ·ŵ, g)`), the step-size rule on Δ's LSQ gradient
+    (skipped for `learn_step_size=False`), and the write-back
+    `clip(R(w'/Δ'), -Q_N, Q_P)` with the layer's rounding. The rules, their
+    state and defaults: README, "Choosing the optimizers". With
+    `step_size_gradient="two_pass"` (the paper's exact step) Δ learns from
+    a second forward/backward pass instead, which the model's train step
+    runs (`alpt_keras.TwoPassTrainStep`, `alpt_keras.two_pass`).
 
-    1. `w' = EmbOpt(Δ·ŵ, g)` with the table optimizer
-       (`embedding_optimizer`);
-    2. Δ learns from the LSQ gradient `γ Σ_j g_ij s_ij` with the step-size
-       rule (`step_size_optimizer`; skipped for `learn_step_size=False`),
-       kept `>= min_step_size`. With `step_size_gradient="two_pass"` (the
-       paper's exact step) the gradient of a second forward/backward pass
-       replaces `g` here; the model's train step must run that pass
-       (`alpt_keras.TwoPassTrainStep`, `alpt_keras.two_pass`);
-    3. the codes `clip(R(w'/Δ'), -Q_N, Q_P)` are written back with the
-       layer's rounding (stochastic noise: a hash of seed, salt, step, row
-       and column).
-
-    No `[V, D]` operation per step. Updates are computed once, in
-    cross-replica context, and written identically to every replica copy. A
-    step whose table gradients contain NaN/Inf leaves every table (codes, Δ,
-    table-optimizer state, step counter) bitwise unchanged and increments
-    `skipped_table_updates`.
-
-    The rules, their state and default learning rates are listed in
-    `alpt_keras.update.rules` (README, "Table optimizers"). Defaults:
-    `"rowwise_adagrad"` (4 bytes per row) and the `"rowwise"` step-size
-    rule, whose learning rate is a fraction of Δ, so it suits every bit
-    width and initial scale. `"adam"` (the paper's) and `"adagrad"`
-    normalise Δ's gradient by its own magnitude; at 8 bits that gradient is
-    mostly quantization noise, so they random-walk Δ.
+    Updates are computed once, in cross-replica context, and written
+    identically to every replica copy. A step whose table gradients contain
+    NaN/Inf leaves every table (codes, Δ, state, step counter) bitwise
+    unchanged and increments `skipped_table_updates`.
 
     Args:
         inner_optimizer: a Keras optimizer of the active flavour, for the
             dense variables.
-        embedding_optimizer: str, a name in `SUPPORTED_EMBEDDING_OPTIMIZERS`.
-        embedding_learning_rate: float > 0 or `None` (the rule's default).
-        step_size_optimizer: str, a name in `SUPPORTED_STEP_SIZE_OPTIMIZERS`.
-        step_size_learning_rate: float > 0 or `None` (the rule's default;
-            `"sgd"` has none).
-        beta_1, beta_2: floats in [0, 1), Adam's decay rates (lazy Adam and
-            the `"adam"` step-size rule).
-        epsilon: float > 0, of the table optimizer.
-        step_size_epsilon: float > 0, of the step-size rule.
+        embedding_optimizer: str in `SUPPORTED_EMBEDDING_OPTIMIZERS`.
+            Defaults to `"rowwise_adagrad"`.
+        embedding_learning_rate: float > 0, or `None` for the rule's default.
+        step_size_optimizer: str in `SUPPORTED_STEP_SIZE_OPTIMIZERS`.
+            Defaults to `"rowwise"`.
+        step_size_learning_rate: float > 0, or `None` for the rule's default
+            (`"sgd"` has none).
+        beta_1, beta_2: floats in [0, 1), Adam's decay rates.
+        epsilon, step_size_epsilon: floats > 0, of the table optimizer and
+            of the step-size rule.
         initial_accumulator_value: float >= 0, of the accumulators.
-        step_size_gradient: `"one_pass"` or `"two_pass"`.
+        step_size_gradient: `"one_pass"` (default) or `"two_pass"`.
         name: str.
 
     Example:
@@ -145,41 +138,22 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
                 "gradients would stay scaled. Train with float32 or "
                 "mixed_bfloat16 (no loss scaling). Received: inner_optimizer="
                 f"{type(inner_optimizer).__name__}")
-        table_rule = update.get_table_rule(embedding_optimizer)
-        step_size_rule = update.get_step_size_rule(step_size_optimizer)
+        config = update.UpdateConfig(
+            embedding_optimizer, embedding_learning_rate,
+            step_size_optimizer, step_size_learning_rate, beta_1, beta_2,
+            epsilon, step_size_epsilon, initial_accumulator_value)
         check_choice("step_size_gradient", step_size_gradient,
                      SUPPORTED_STEP_SIZE_GRADIENTS)
-        if step_size_rule.default_learning_rate is None and \
-                step_size_learning_rate is None:
-            raise ValueError(
-                f"`step_size_optimizer={step_size_optimizer!r}` needs an "
-                "explicit `step_size_learning_rate` (LSQ step-size "
-                "gradients are tiny and depend on the loss scale). "
-                "Received: step_size_learning_rate=None")
-        positive = functools.partial(check_float, minimum=0.0,
-                                     inclusive=False)
         if _keras.IS_KERAS_3:
             super().__init__(learning_rate=0.0, name=name)
         else:
             super().__init__(name=name)
         self.inner_optimizer = inner_optimizer
-        self._table_rule = table_rule
-        self._step_size_rule = step_size_rule
-        self.embedding_optimizer = embedding_optimizer
-        self.embedding_learning_rate = positive(
-            "embedding_learning_rate", embedding_learning_rate,
-            allow_none=True)
-        self.step_size_optimizer = step_size_optimizer
-        self.step_size_learning_rate = positive(
-            "step_size_learning_rate", step_size_learning_rate,
-            allow_none=True)
-        self.beta_1 = check_float("beta_1", beta_1, 0.0, 1.0)
-        self.beta_2 = check_float("beta_2", beta_2, 0.0, 1.0)
-        self.epsilon = positive("epsilon", epsilon)
-        self.step_size_epsilon = positive("step_size_epsilon",
-                                          step_size_epsilon)
-        self.initial_accumulator_value = check_float(
-            "initial_accumulator_value", initial_accumulator_value, 0.0)
+        # The rules and constants (`update.UpdateConfig`); the arguments
+        # read back as attributes (`embedding_optimizer`, `beta_1`, ...).
+        self.update_config = config
+        for field in dataclasses.fields(config):
+            setattr(self, field.name, getattr(config, field.name))
         self.step_size_gradient = step_size_gradient
         self._alpt_built = False
         self._tables = []
@@ -240,30 +214,16 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
     @property
     def embedding_hyperparameters(self):
         """`update.Hyperparameters` of the table optimizer."""
-        lr = self.embedding_learning_rate
-        if lr is None:
-            lr = self._table_rule.default_learning_rate
-        return update.Hyperparameters(lr, self.beta_1, self.beta_2,
-                                      self.epsilon)
+        return self.update_config.embedding_hyperparameters
 
     def step_size_hyperparameters(self, step_size_mode):
-        """`update.Hyperparameters` of the step-size rule for tables with
-        `step_size_mode` (`"row"` or `"table"`)."""
-        lr = self.step_size_learning_rate
-        if lr is None:
-            lr = self._step_size_rule.default_learning_rate[step_size_mode]
-        return update.Hyperparameters(lr, self.beta_1, self.beta_2,
-                                      self.step_size_epsilon)
+        """`update.Hyperparameters` of the step-size rule (`"row"` or
+        `"table"` mode)."""
+        return self.update_config.step_size_hyperparameters(step_size_mode)
 
     def state_bytes(self, spec):
-        """Bytes of optimizer state this optimizer keeps for a table of
-        `update.TableSpec` `spec` (from the rule specs)."""
-        rows = spec.input_dim * self._table_rule.bytes_per_row(
-            spec.output_dim)
-        if not spec.learn_step_size:
-            return rows
-        step_sizes = spec.input_dim if spec.per_row else 1
-        return rows + step_sizes * self._step_size_rule.bytes_per_step_size()
+        """Optimizer-state bytes of a table of `update.TableSpec` `spec`."""
+        return self.update_config.state_bytes(spec)
 
     def table_slots(self, table):
         """Slot name -> optimizer variable of the ALPT `table` (a
@@ -280,11 +240,6 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
         if self._alpt_built:
             return
         var_list = list(var_list)
-        tables = []
-        for variable in var_list:
-            table = find_table(variable)
-            if table is not None and all(table is not t for t in tables):
-                tables.append(table)
         self.inner_optimizer.build(
             [v for v in var_list if find_table(v) is None])
         add = functools.partial(_keras.add_optimizer_variable, self)
@@ -293,11 +248,11 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
             (), "int64", "skipped_table_updates")
         initial = {"zeros": "zeros", "accumulator":
                    keras.initializers.Constant(self.initial_accumulator_value)}
-        for table in tables:
+        for table in tables_of(var_list):
             spec, slots = table.spec, {}
-            rules = [(self._table_rule, spec.input_dim)]
+            rules = [(self.update_config.table_rule, spec.input_dim)]
             if spec.learn_step_size:
-                rules.append((self._step_size_rule,
+                rules.append((self.update_config.step_size_rule,
                               spec.input_dim if spec.per_row else 1))
             with row_variables(spec.input_dim):  # for RowPartitioner
                 for rule, rows in rules:
@@ -359,22 +314,7 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
                 self.build([v for _, v in grads_and_vars])
         two_pass = self.step_size_gradient == "two_pass" and any(
             table.spec.learn_step_size for table, _, _ in table_grads)
-        if two_pass and not self._two_pass.active:
-            raise RuntimeError(
-                "ALPTOptimizer(step_size_gradient='two_pass') learns step "
-                "sizes from a second forward/backward pass that an optimizer "
-                "cannot run. Train with a model whose train step runs it: "
-                "subclass `alpt_keras.TwoPassTrainStep` (Keras models and "
-                "tfrs.Model) or call `alpt_keras.two_pass(model)` before "
-                "`fit` (functional models); in a custom loop, apply inside "
-                "`optimizer.two_pass_step()` and then call "
-                "`optimizer.apply_step_size_gradients`. Received: an apply "
-                "outside a two-pass train step.")
-        if self._two_pass.pending is not None:
-            raise RuntimeError(
-                "ALPTOptimizer: the previous two-pass step is still waiting "
-                "for its second-pass gradients "
-                "(`apply_step_size_gradients`). Received: another apply.")
+        self._two_pass.check_apply(two_pass)
         result = None
         if dense:
             result = self.inner_optimizer.apply_gradients(
@@ -454,9 +394,9 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
             codes = table.storage.read_rows(unique_ids)  # (U, D) int32
             step_size = table.read_step_sizes(unique_ids)  # (U|1, 1)
             old = {s.name: _read_slot(slots[s.name], unique_ids, True)
-                   for s in self._table_rule.slots}
+                   for s in self.update_config.table_rule.slots}
             rows = update.row_update(codes, step_size, grads, old, step,
-                                     self._table_rule,
+                                     self.update_config.table_rule,
                                      self.embedding_hyperparameters)
             writes += [_write_state(slots[name], unique_ids, value,
                                     old[name], True, finite)
@@ -487,7 +427,8 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
         and its state only if `step_finite` too."""
         table, slots, ids = first.table, first.slots, first.unique_ids
         spec = table.spec
-        rule = self._step_size_rule if spec.learn_step_size else None
+        rule = self.update_config.step_size_rule if spec.learn_step_size \
+            else None
         old = {} if rule is None else {
             s.name: _read_slot(slots[s.name], ids, spec.per_row)
             for s in rule.slots}
@@ -530,15 +471,7 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
         return {
             "name": self.name,
             "inner_optimizer": keras.optimizers.serialize(self.inner_optimizer),
-            "embedding_optimizer": self.embedding_optimizer,
-            "embedding_learning_rate": self.embedding_learning_rate,
-            "step_size_optimizer": self.step_size_optimizer,
-            "step_size_learning_rate": self.step_size_learning_rate,
-            "beta_1": self.beta_1,
-            "beta_2": self.beta_2,
-            "epsilon": self.epsilon,
-            "step_size_epsilon": self.step_size_epsilon,
-            "initial_accumulator_value": self.initial_accumulator_value,
+            **dataclasses.asdict(self.update_config),
             "step_size_gradient": self.step_size_gradient,
         }
 

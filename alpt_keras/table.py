@@ -175,8 +175,13 @@ def tables(model):
     >>> [t.name for t in alpt_keras.tables(layer)]
     ['user']
     """
+    return tables_of(model.weights)
+
+
+def tables_of(variables):
+    """The ALPT tables tagged on `variables`, each once, in order."""
     found = []
-    for variable in model.weights:
+    for variable in variables:
         table = find_table(variable)
         if table is not None and all(table is not t for t in found):
             found.append(table)

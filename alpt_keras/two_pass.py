@@ -112,6 +112,26 @@ class TwoPassState:
     def active(self, value):
         self._local.active = value
 
+    def check_apply(self, two_pass):
+        """Raises unless an apply may run now; `two_pass`: whether it is
+        the first pass of a two-pass step (some table learns Δ)."""
+        if two_pass and not self.active:
+            raise RuntimeError(
+                "ALPTOptimizer(step_size_gradient='two_pass') learns step "
+                "sizes from a second forward/backward pass that an optimizer "
+                "cannot run. Train with a model whose train step runs it: "
+                "subclass `alpt_keras.TwoPassTrainStep` (Keras models and "
+                "tfrs.Model) or call `alpt_keras.two_pass(model)` before "
+                "`fit` (functional models); in a custom loop, apply inside "
+                "`optimizer.two_pass_step()` and then call "
+                "`optimizer.apply_step_size_gradients`. Received: an apply "
+                "outside a two-pass train step.")
+        if self.pending is not None:
+            raise RuntimeError(
+                "ALPTOptimizer: the previous two-pass step is still waiting "
+                "for its second-pass gradients "
+                "(`apply_step_size_gradients`). Received: another apply.")
+
 
 
 class TwoPassOptimizerMixin:

@@ -8,13 +8,13 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from alpt_keras import _keras
+from alpt_keras import compat
 
 
 def machine_info():
     return {"processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "tensorflow": tf.__version__,
-            "keras_flavour": "keras3" if _keras.IS_KERAS_3 else "tf_keras"}
+            "keras_flavour": "keras3" if compat.IS_KERAS_3 else "tf_keras"}
 
 
 def default_output(name):

@@ -42,13 +42,13 @@ import numpy as np
 import tensorflow as tf
 from _report import default_output, machine_info, write_report
 
-from alpt_keras import ALPTOptimizer, _keras, two_pass, update
+from alpt_keras import ALPTOptimizer, compat, two_pass, update
 from alpt_keras.models.ctr_models import build_ctr_model
 from alpt_keras.models.features import simple_features
 from alpt_keras.models.metrics import auc, logloss
 from alpt_keras.models.synthetic import criteo_like_synthetic
 
-keras = _keras.keras
+keras = compat.keras
 METHODS = ("float32", "lpt_dr", "lpt_sr", "alpt", "alpt_2pass")
 # method -> (table kind, rounding, step-size gradient)
 _METHOD = {
@@ -164,11 +164,8 @@ def float32_rows(model, table_opt):
     uses, with no quantization; the dense variables get the compiled
     optimizer.
     """
-    rule = update.get_table_rule(table_opt)
-    # The defaults ALPTOptimizer would use for this table optimizer.
-    hyper = ALPTOptimizer(keras.optimizers.Adam(),
-                          embedding_optimizer=table_opt
-                          ).embedding_hyperparameters
+    config = update.UpdateConfig(embedding_optimizer=table_opt)
+    rule, hyper = config.table_rule, config.embedding_hyperparameters
     tables = [layer.embeddings for layer in
               model.get_layer("embedding").tables]
     table_ids = {id(v) for v in tables}
@@ -181,7 +178,7 @@ def float32_rows(model, table_opt):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         with tf.GradientTape() as tape:
             y_pred = model(x, training=True)
-            if _keras.IS_KERAS_3:
+            if compat.IS_KERAS_3:
                 loss = model.compute_loss(x=x, y=y, y_pred=y_pred,
                                           sample_weight=sample_weight,
                                           training=True)
@@ -195,7 +192,7 @@ def float32_rows(model, table_opt):
         t = tf.cast(step + 1, tf.float32)
         for variable, grad, slot in zip(tables, grads[len(dense):], slots,
                                         strict=True):
-            variable = _keras.tf_variable(variable)
+            variable = compat.tf_variable(variable)
             ids, positions = tf.unique(tf.cast(grad.indices, tf.int64))
             g = tf.math.unsorted_segment_sum(grad.values, positions,
                                              tf.shape(ids)[0])

@@ -44,9 +44,9 @@ from _report import (
     write_report,
 )
 
-from alpt_keras import ALPTEmbedding, ALPTOptimizer, _keras
+from alpt_keras import ALPTEmbedding, ALPTOptimizer, compat
 
-keras = _keras.keras
+keras = compat.keras
 
 
 # ALPT setups: name -> ALPTEmbedding arguments.
@@ -186,7 +186,7 @@ def main():
                   default=None)
     print(f"V={args.rows} D={args.dim} batch={args.batch}x{args.features} "
           f"({len(np.unique(ids))} unique ids/step), "
-          f"{'Keras 3' if _keras.IS_KERAS_3 else 'tf_keras'}, "
+          f"{'Keras 3' if compat.IS_KERAS_3 else 'tf_keras'}, "
           f"median of {args.steps * args.rounds} steps, setups "
           f"interleaved ({args.rounds} rounds of {args.steps})")
     print(f"{'setup':<16}{'examples/s':>14}{'ms/step':>10}"

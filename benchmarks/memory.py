@@ -52,10 +52,10 @@ def child(name, rows, steps):
     import numpy as np
     import tensorflow as tf
 
-    from alpt_keras import ALPTEmbedding, ALPTOptimizer, _keras
+    from alpt_keras import ALPTEmbedding, ALPTOptimizer, compat
     from alpt_keras.table import find_table
 
-    keras = _keras.keras
+    keras = compat.keras
     baseline = _rss_bytes()
     setup = SETUPS[name]
     if setup is None:

@@ -37,9 +37,9 @@ from _report import (
     write_report,
 )
 
-from alpt_keras import ALPTEmbedding, ALPTOptimizer, _keras, two_pass
+from alpt_keras import ALPTEmbedding, ALPTOptimizer, compat, two_pass
 
-keras = _keras.keras
+keras = compat.keras
 SETUPS = ("alpt", "alpt_2pass", "float32_sgd", "float32_adam")
 
 
@@ -135,7 +135,7 @@ def main():
     adam = by_name.get("float32_adam")
     print(f"V={args.rows} D={args.dim} batch={args.batch}x{args.features} "
           f"(~{unique} unique ids/step), MLP 256-128, "
-          f"{'Keras 3' if _keras.IS_KERAS_3 else 'tf_keras'}, median of "
+          f"{'Keras 3' if compat.IS_KERAS_3 else 'tf_keras'}, median of "
           f"{args.steps * args.rounds} steps, setups interleaved")
     print(f"{'setup':<14}{'examples/s':>12}{'ms/step':>10}"
           f"{'vs fastest f32':>16}{'vs f32 Adam':>13}")

@@ -49,11 +49,11 @@ from _report import (
 )
 
 import alpt_keras
-from alpt_keras import ALPTEmbedding, ALPTOptimizer, _keras, quantizers, update
+from alpt_keras import ALPTEmbedding, ALPTOptimizer, compat, quantizers, update
 from alpt_keras.storage import pack_codes
 from alpt_keras.table import checked_ids
 
-keras = _keras.keras
+keras = compat.keras
 
 
 def build_fused_op():
@@ -100,11 +100,11 @@ def build_pieces(rows, dim, ids_np, fused_op=None):
     sums = tf.math.unsorted_segment_sum(flat_up, positions,
                                         tf.shape(unique_ids)[0])
     table = alpt_keras.tables(layer)[0]
-    codes_var = _keras.tf_variable(table.codes)
-    steps_var = _keras.tf_variable(table.step_sizes)
+    codes_var = compat.tf_variable(table.codes)
+    steps_var = compat.tf_variable(table.step_sizes)
     slots = optimizer.table_slots(table)
-    acc_var = _keras.tf_variable(slots["accumulator"])
-    step_acc_var = _keras.tf_variable(slots["step_size_accumulator"])
+    acc_var = compat.tf_variable(slots["accumulator"])
+    step_acc_var = compat.tf_variable(slots["step_size_accumulator"])
     packed_var = tf.Variable(tf.zeros([rows, dim * 8 // 32], tf.int32))
     table_rule = update.get_table_rule(optimizer.embedding_optimizer)
     step_size_rule = update.get_step_size_rule(optimizer.step_size_optimizer)
@@ -286,7 +286,7 @@ def main():
     full = medians["full_step"]
     print(f"V={args.rows} D={args.dim} batch={args.batch}x{args.features} "
           f"({unique} unique ids), "
-          f"{'Keras 3' if _keras.IS_KERAS_3 else 'tf_keras'}, median of "
+          f"{'Keras 3' if compat.IS_KERAS_3 else 'tf_keras'}, median of "
           f"{args.steps * args.rounds} runs per piece, interleaved")
     print(f"{'piece':<20}{'ms':>9}{'of full step':>14}")
     results = []

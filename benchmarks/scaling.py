@@ -28,7 +28,7 @@ from _report import (
 )
 from embedding_step import measure_all
 
-from alpt_keras import _keras
+from alpt_keras import compat
 
 SETUPS = ("alpt", "float32_sgd", "float32_adam")
 
@@ -53,7 +53,7 @@ def main():
         args.steps, args.rounds, args.warmup = 2, 1, 1
     results = []
     print(f"D={args.dim} batch={args.batch}x{args.features}, "
-          f"{'Keras 3' if _keras.IS_KERAS_3 else 'tf_keras'}, median of "
+          f"{'Keras 3' if compat.IS_KERAS_3 else 'tf_keras'}, median of "
           f"{args.steps * args.rounds} steps per setup and size")
     print(f"{'rows':>10}{'unique ids':>11}" + "".join(
         f"{s + ' ex/s':>20}" for s in args.setups) + "".join(

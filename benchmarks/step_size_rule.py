@@ -30,11 +30,11 @@ tf.config.set_logical_device_configuration(
 
 from _report import default_output, machine_info, write_report  # noqa: E402
 
-from alpt_keras import ALPTOptimizer, _keras  # noqa: E402
+from alpt_keras import ALPTOptimizer, compat  # noqa: E402
 from alpt_keras.models.dnn import build_dnn  # noqa: E402
 from alpt_keras.models.synthetic import make_synthetic_ctr  # noqa: E402
 
-keras = _keras.keras
+keras = compat.keras
 FIELDS, VOCAB, BATCH = 4, 300, 256
 
 
@@ -42,7 +42,7 @@ def _codes_and_steps(model):
     layer = model.get_layer("embedding")
     values = []
     for variable in (layer.codes, layer.step_sizes):
-        tf_var = _keras.tf_variable(variable)
+        tf_var = compat.tf_variable(variable)
         first = getattr(tf_var, "values", (tf_var,))[0]
         values.append(np.array(first.numpy()))
     return values[0].astype(np.int64), values[1]

@@ -177,7 +177,7 @@ def _serve_task(cluster):
 
 
 def _parameter_server_strategy(args, cluster):
-    from alpt_keras._keras import IS_KERAS_3
+    from alpt_keras.compat import IS_KERAS_3
 
     if args.devices != 1:
         raise SystemExit("alpt-train: --devices applies to one machine. "
@@ -199,7 +199,7 @@ def _parameter_server_strategy(args, cluster):
 
 
 def _multi_worker_strategy(args, cluster):
-    from alpt_keras._keras import IS_KERAS_3
+    from alpt_keras.compat import IS_KERAS_3
 
     if args.devices != 1:
         raise SystemExit("alpt-train: --devices applies to one machine; in "
@@ -242,7 +242,7 @@ def table_digests(model):
 
 def _float_tables(model):
     """The `keras.layers.Embedding` layers of `model` (float32 tables)."""
-    from alpt_keras._keras import flatten_layers, keras
+    from alpt_keras.compat import flatten_layers, keras
 
     return [layer for layer in flatten_layers(model)
             if isinstance(layer, keras.layers.Embedding)]
@@ -448,7 +448,7 @@ def build_model(run, features):
     """Step 4: the compiled model and its optimizer (under the strategy's
     scope when there is one)."""
     from alpt_keras import ALPTOptimizer
-    from alpt_keras._keras import keras
+    from alpt_keras.compat import keras
     from alpt_keras.models.ctr_models import build_ctr_model
 
     args = run.args
@@ -475,7 +475,7 @@ def fit(run, model, data):
     """Step 5: `model.fit` with the run's callbacks; returns the history
     and the training seconds."""
     from alpt_keras import ALPTMonitor
-    from alpt_keras._keras import keras
+    from alpt_keras.compat import keras
 
     args = run.args
     callbacks = []

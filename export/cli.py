@@ -22,7 +22,7 @@ def main(argv=None):
     parser.add_argument("--version", type=int, default=None)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     import alpt_keras.models  # noqa: F401  (registers the model classes)
-    from alpt_keras._keras import keras
+    from alpt_keras.compat import keras
     from alpt_keras.export.saved_model import (
         export_for_serving,
         export_size_report,

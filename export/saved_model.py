@@ -29,7 +29,7 @@ import uuid
 import tensorflow as tf
 
 from alpt_keras import tables
-from alpt_keras._keras import flatten_layers, keras, tf_variable
+from alpt_keras.compat import flatten_layers, keras, tf_variable
 from alpt_keras.table import find_table
 
 SIGNATURE_KEY = "serving_default"

@@ -9,7 +9,7 @@ logit is the layer named `"logit"`.
 
 import dataclasses
 
-from alpt_keras._keras import keras
+from alpt_keras.compat import keras
 from alpt_keras.models.feature_embedding import FeatureEmbedding
 from alpt_keras.models.features import FeatureConfig
 from alpt_keras.models.layers import (

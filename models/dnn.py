@@ -5,7 +5,7 @@ DeepFM, IPNN, DLRM, Wide&Deep) arrive with issue 3.
 """
 
 from alpt_keras import ALPTEmbedding
-from alpt_keras._keras import keras
+from alpt_keras.compat import keras
 from alpt_keras.models.features import EMBEDDING_KINDS
 
 

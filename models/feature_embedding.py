@@ -3,7 +3,7 @@
 import tensorflow as tf
 
 from alpt_keras import ALPTEmbedding
-from alpt_keras._keras import keras, register
+from alpt_keras.compat import keras, register
 from alpt_keras.models.features import FeatureConfig
 from alpt_keras.table import combine
 

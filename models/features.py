@@ -3,7 +3,7 @@
 import dataclasses
 
 from alpt_keras import ALPTEmbedding
-from alpt_keras._keras import keras
+from alpt_keras.compat import keras
 from alpt_keras.quantizers import SUPPORTED_ROUNDING, validate_num_bits
 from alpt_keras.storage import SUPPORTED_STORAGE
 from alpt_keras.table import SUPPORTED_COMBINERS, SUPPORTED_STEP_SIZE

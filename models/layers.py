@@ -7,7 +7,7 @@ interactions are small enough to write here.
 
 import tensorflow as tf
 
-from alpt_keras._keras import IS_KERAS_3, keras, register
+from alpt_keras.compat import IS_KERAS_3, keras, register
 
 
 def cross_layer(name=None):

@@ -3,6 +3,7 @@
 - `rules`: the table optimizers (`TABLE_RULES`) and step-size rules
   (`STEP_SIZE_RULES`) as frozen specs: slots, bytes, default learning
   rates and a pure update function each.
+- `config`: `UpdateConfig`, the rules and constants an optimizer uses.
 - `step`: the sparse step of the touched rows, `row_update` then
   `step_size_update` (or both at once, `table_step`).
 
@@ -10,6 +11,7 @@
 benchmarks, tests and native kernels check the math here.
 """
 
+from alpt_keras.update.config import UpdateConfig
 from alpt_keras.update.rules import (
     STEP_SIZE_RULES,
     TABLE_RULES,
@@ -46,6 +48,7 @@ __all__ = [
     "TableRule",
     "TableSpec",
     "TableStep",
+    "UpdateConfig",
     "get_step_size_rule",
     "get_table_rule",
     "requantize",
