@@ -8,6 +8,7 @@ exactly those along their rows, all at the same boundaries.
 import tensorflow as tf
 
 from alpt_keras._scopes import current, scoped
+from alpt_keras.validation import check_int
 
 
 def row_variables(num_rows):
@@ -37,14 +38,9 @@ class RowPartitioner(tf.distribute.experimental.partitioners.Partitioner):
     """
 
     def __init__(self, num_shards, min_rows_per_shard=1):
-        for name, value in (("num_shards", num_shards),
-                            ("min_rows_per_shard", min_rows_per_shard)):
-            if isinstance(value, bool) or not isinstance(value, int) or \
-                    value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1. "
-                                 f"Received: {name}={value!r}")
-        self.num_shards = num_shards
-        self.min_rows_per_shard = min_rows_per_shard
+        self.num_shards = check_int("num_shards", num_shards, minimum=1)
+        self.min_rows_per_shard = check_int(
+            "min_rows_per_shard", min_rows_per_shard, minimum=1)
 
     def __call__(self, shape, dtype, axis=0):
         shape = tf.TensorShape(shape)

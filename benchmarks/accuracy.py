@@ -166,8 +166,8 @@ def float32_rows(model, table_opt):
     """
     config = update.UpdateConfig(embedding_optimizer=table_opt)
     rule, hyper = config.table_rule, config.embedding_hyperparameters
-    tables = [layer.embeddings for layer in
-              model.get_layer("embedding").tables]
+    tables = [layer.embeddings for layer in compat.flatten_layers(model)
+              if isinstance(layer, keras.layers.Embedding)]
     table_ids = {id(v) for v in tables}
     slots = [{s.name: tf.Variable(tf.zeros(
         (v.shape[0], v.shape[1] if s.per_element else 1)), trainable=False)

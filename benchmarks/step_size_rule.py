@@ -30,6 +30,7 @@ tf.config.set_logical_device_configuration(
 
 from _report import default_output, machine_info, write_report  # noqa: E402
 
+import alpt_keras  # noqa: E402
 from alpt_keras import ALPTOptimizer, compat  # noqa: E402
 from alpt_keras.models.dnn import build_dnn  # noqa: E402
 from alpt_keras.models.synthetic import make_synthetic_ctr  # noqa: E402
@@ -39,9 +40,9 @@ FIELDS, VOCAB, BATCH = 4, 300, 256
 
 
 def _codes_and_steps(model):
-    layer = model.get_layer("embedding")
+    (table,) = alpt_keras.tables(model)
     values = []
-    for variable in (layer.codes, layer.step_sizes):
+    for variable in (table.codes, table.step_sizes):
         tf_var = compat.tf_variable(variable)
         first = getattr(tf_var, "values", (tf_var,))[0]
         values.append(np.array(first.numpy()))

@@ -31,6 +31,7 @@ import tensorflow as tf
 from alpt_keras import tables
 from alpt_keras.compat import flatten_layers, keras, tf_variable
 from alpt_keras.table import find_table
+from alpt_keras.validation import check_int
 
 SIGNATURE_KEY = "serving_default"
 # Describes each ALPT table of an export (shape, bits, storage), so tools
@@ -236,10 +237,7 @@ def export_for_serving(model, base_path, model_name="model", version=None,
     model_dir = os.path.join(base_path, model_name)
     if version is None:
         version = next_version(model_dir)
-    if isinstance(version, bool) or not isinstance(version, int) or \
-            version < 1:
-        raise ValueError("`version` must be a positive integer. "
-                         f"Received: version={version!r}")
+    version = check_int("version", version, minimum=1)
     final = os.path.join(model_dir, str(version))
     if os.path.exists(final):
         raise ValueError(f"Version {version} already exists: {final}. "

@@ -7,6 +7,7 @@ from alpt_keras.compat import keras
 from alpt_keras.quantizers import SUPPORTED_ROUNDING, validate_num_bits
 from alpt_keras.storage import SUPPORTED_STORAGE
 from alpt_keras.table import SUPPORTED_COMBINERS, SUPPORTED_STEP_SIZE
+from alpt_keras.validation import check_int
 
 EMBEDDING_KINDS = ("float32", "lpt", "alpt")
 
@@ -41,20 +42,19 @@ class TableConfig:
     storage: str = "int8"
 
     def __post_init__(self):
-        for field in ("vocabulary_size", "embedding_dim"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or \
-                    value <= 0:
-                raise ValueError(
-                    f"`{field}` must be a positive integer. "
-                    f"Received: {field}={value!r} (table {self.name!r})"
-                )
+        for field in ("vocabulary_size", "embedding_dim", "seed"):
+            try:
+                bounds = dict(minimum=1) if field != "seed" else {}
+                setattr(self, field, check_int(field, getattr(self, field),
+                                               **bounds))
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{error} (table {self.name!r})") from None
         if self.kind not in EMBEDDING_KINDS:
             raise ValueError(
                 f"`kind` must be one of {EMBEDDING_KINDS}. "
                 f"Received: kind={self.kind!r} (table {self.name!r})"
             )
-        validate_num_bits(self.num_bits)
+        self.num_bits = validate_num_bits(self.num_bits)
         if self.rounding not in SUPPORTED_ROUNDING:
             raise ValueError(
                 f"`rounding` must be one of {SUPPORTED_ROUNDING}. "
@@ -129,15 +129,11 @@ class FeatureConfig:
                 "`table` must be a TableConfig. "
                 f"Received: table={self.table!r} (feature {self.name!r})"
             )
-        if self.max_ids is not None and (
-            isinstance(self.max_ids, bool)
-            or not isinstance(self.max_ids, int)
-            or self.max_ids <= 0
-        ):
-            raise ValueError(
-                "`max_ids` must be None or a positive integer. "
-                f"Received: max_ids={self.max_ids!r} (feature {self.name!r})"
-            )
+        try:
+            self.max_ids = check_int("max_ids", self.max_ids, minimum=1,
+                                     allow_none=True)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{error} (feature {self.name!r})") from None
         if self.combiner not in SUPPORTED_COMBINERS:
             raise ValueError(
                 f"`combiner` must be one of {SUPPORTED_COMBINERS}. "

@@ -8,6 +8,7 @@ interactions are small enough to write here.
 import tensorflow as tf
 
 from alpt_keras.compat import IS_KERAS_3, keras, register
+from alpt_keras.validation import check_float, check_int
 
 
 def cross_layer(name=None):
@@ -99,16 +100,8 @@ class MLP(keras.layers.Layer):
     def __init__(self, units, batch_norm=False, dropout=0.0, seed=0,
                  **kwargs):
         super().__init__(**kwargs)
-        units = list(units)
-        if any(isinstance(u, bool) or not isinstance(u, int) or u <= 0
-               for u in units):
-            raise ValueError(
-                f"`units` must be positive integers. Received: units={units}"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(
-                f"`dropout` must be in [0, 1). Received: dropout={dropout!r}"
-            )
+        units = [check_int("units", u, minimum=1) for u in units]
+        dropout = check_float("dropout", dropout, 0.0, 1.0)
         self.units, self.batch_norm = units, batch_norm
         self.dropout, self.seed = dropout, seed
         # One flat list: tf_keras saving does not walk lists of lists.

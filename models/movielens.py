@@ -27,6 +27,7 @@ from alpt_keras.models.pipeline import (
     OOV_ID,
     SPLITS,
 )
+from alpt_keras.validation import check_int
 
 RECBOLE_WHEEL = "recbole==1.2.1"
 _MEMBER = "recbole/dataset_example/ml-100k/ml-100k.{}"
@@ -80,10 +81,7 @@ class MovieLensCTR:
     """
 
     def __init__(self, wheel_path=None, min_count=2, split=(8, 1, 1), seed=0):
-        if isinstance(min_count, bool) or not isinstance(min_count, int) \
-                or min_count < 1:
-            raise ValueError("`min_count` must be an integer >= 1. "
-                             f"Received: min_count={min_count!r}")
+        min_count = check_int("min_count", min_count, minimum=1)
         self.wheel_path = wheel_path or download_movielens_100k()
         self.min_count, self.seed, self.split = min_count, seed, tuple(split)
         with zipfile.ZipFile(self.wheel_path) as archive:

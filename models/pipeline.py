@@ -20,6 +20,8 @@ import zlib
 
 import numpy as np
 
+from alpt_keras.validation import check_int
+
 SPLITS = ("train", "validation", "test")
 OOV_ID, MISSING_ID, FIRST_VALUE_ID = 0, 1, 2
 
@@ -53,20 +55,13 @@ class CTRPipeline:
         if not os.path.exists(path):
             raise ValueError(f"`path` must be an existing file. "
                              f"Received: path={path!r}")
-        if isinstance(min_count, bool) or not isinstance(min_count, int) \
-                or min_count < 1:
-            raise ValueError("`min_count` must be an integer >= 1. "
-                             f"Received: min_count={min_count!r}")
+        min_count = check_int("min_count", min_count, minimum=1)
         split = tuple(split)
         if len(split) != 3 or any(w < 0 for w in split) or sum(split) <= 0:
             raise ValueError("`split` must be three non-negative weights "
                              f"with a positive sum. Received: split={split!r}")
-        if hash_buckets is not None and (
-                isinstance(hash_buckets, bool)
-                or not isinstance(hash_buckets, int) or hash_buckets < 1):
-            raise ValueError(
-                "`hash_buckets` must be None or a positive integer. "
-                f"Received: hash_buckets={hash_buckets!r}")
+        hash_buckets = check_int("hash_buckets", hash_buckets, minimum=1,
+                                 allow_none=True)
         self.path, self.min_count, self.seed = path, min_count, seed
         self.split = split
         self.strict, self.hash_buckets, self.labeled = strict, hash_buckets, \
