@@ -94,7 +94,8 @@ class ALPTEmbedding(keras.layers.Layer):
         output_dim: int. Row width `D`.
         num_bits: int in [2, 8]. Bits per code. Defaults to `8`.
         step_size: `"row"` (one Δ per row) or `"table"` (one Δ shared by
-            the table). Defaults to `"row"`.
+            the table). Defaults to `"row"`. Read back as `step_size_mode`
+            (the Δ variable itself is `step_sizes`).
         rounding: `"stochastic"` or `"deterministic"` (round half up), used
             for the initial codes and every write-back. Defaults to
             `"stochastic"`.

@@ -53,7 +53,9 @@ def in_step_size_pass():
 
 
 class PendingTable(NamedTuple):
-    """One table's first pass, waiting for the second pass's gradients.
+    """One table's rows after the row update: what the step-size half of
+    the step needs. A two-pass step keeps it between its passes (waiting
+    for the second pass's gradients); a one-pass step uses it at once.
 
     Attributes:
         table: `TableState`.
