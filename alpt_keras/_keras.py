@@ -68,6 +68,7 @@ __all__ = [
     "add_optimizer_variable",
     "flatten_layers",
     "in_xla_context",
+    "refuse_xla",
     "optimizer_base_classes",
     "register",
     "tf_variable",
@@ -123,6 +124,21 @@ def in_xla_context():
     """True while tracing a function that XLA will compile."""
     graph = tf.compat.v1.get_default_graph()
     return control_flow_util.GraphOrParentsInXlaContext(graph)
+
+
+def refuse_xla(what):
+    """Raises `NotImplementedError` naming `what` while tracing for XLA.
+
+    Under XLA, `tf.debugging.Assert` is dropped, `tf.gather` clamps
+    out-of-range ids and `unique` and integer scatters do not compile, so
+    ALPT lookups and updates refuse it rather than run wrong.
+    """
+    if in_xla_context():
+        raise NotImplementedError(
+            f"{what} cannot run under XLA: XLA drops the id checks, clamps "
+            "out-of-range ids and cannot compile the row updates (unique, "
+            "integer scatters). Compile with `jit_compile=False`. Received: "
+            "a call inside an XLA-compiled function.")
 
 
 class VariableList(list):

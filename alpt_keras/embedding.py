@@ -302,13 +302,7 @@ class ALPTEmbedding(keras.layers.Layer):
 
     # ------------------------------------------------------------------- call
     def call(self, inputs, training=None):
-        if _keras.in_xla_context():
-            raise NotImplementedError(
-                f"ALPTEmbedding '{self.name}' cannot run under XLA: XLA drops "
-                "the id checks, clamps out-of-range ids and cannot compile "
-                "the row updates. Compile the model with `jit_compile=False`. "
-                "Received: a call inside an XLA-compiled function."
-            )
+        _keras.refuse_xla(f"ALPTEmbedding '{self.name}'")
         if isinstance(inputs, tf.SparseTensor):
             inputs = tf.RaggedTensor.from_sparse(inputs)
         if isinstance(inputs, tf.RaggedTensor):

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 from alpt_keras import _keras, update
 from alpt_keras.sharding import row_variables
+from alpt_keras.storage import read_state_rows, write_state_rows
 from alpt_keras.table import (
     checked_ids,
     find_table,
@@ -33,30 +34,6 @@ keras = _keras.keras
 SUPPORTED_EMBEDDING_OPTIMIZERS = tuple(update.TABLE_RULES)
 SUPPORTED_STEP_SIZE_OPTIMIZERS = tuple(update.STEP_SIZE_RULES)
 SUPPORTED_STEP_SIZE_GRADIENTS = ("one_pass", "two_pass")
-
-
-def _write_state(variable, ids, new, old, per_row, condition=None):
-    """Writes one slot for rows `ids` (or the whole `[1, 1]` slot of a
-    per-table Δ); where `condition` is `False` it stays bitwise unchanged.
-    An `Increment` is written as a `scatter_add` of the increment."""
-    variable = _keras.tf_variable(variable)
-    if isinstance(new, update.Increment):
-        increment = new.increment if condition is None else tf.where(
-            condition, new.increment, tf.zeros_like(new.increment))
-        if per_row:
-            return variable.scatter_add(tf.IndexedSlices(increment, ids))
-        return variable.assign_add(increment)
-    kept = new if condition is None else tf.where(condition, new, old)
-    if per_row:
-        return variable.scatter_update(tf.IndexedSlices(kept, ids))
-    return variable.assign(kept)
-
-
-def _read_slot(variable, ids, per_row):
-    variable = _keras.tf_variable(variable)
-    if per_row:
-        return tf.nn.embedding_lookup(variable, ids)
-    return tf.convert_to_tensor(variable)
 
 
 @_keras.register
@@ -320,12 +297,7 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
             result = self.inner_optimizer.apply_gradients(
                 dense, *args, **kwargs)
         if table_grads:
-            if _keras.in_xla_context():
-                raise NotImplementedError(
-                    "ALPTOptimizer cannot update ALPT tables under XLA "
-                    "(unique, integer scatters and id checks are not "
-                    "XLA-safe). Compile with `jit_compile=False`. Received: "
-                    "an apply inside an XLA-compiled function.")
+            _keras.refuse_xla("ALPTOptimizer's table update")
             tables = [table for table, _, _ in table_grads]
             slices = self._table_slices([(t, g) for t, g, _ in table_grads])
             carriers = [v for _, _, v in table_grads] if two_pass else None
@@ -393,12 +365,12 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
             slots = self.table_slots(table)
             codes = table.storage.read_rows(unique_ids)  # (U, D) int32
             step_size = table.read_step_sizes(unique_ids)  # (U|1, 1)
-            old = {s.name: _read_slot(slots[s.name], unique_ids, True)
+            old = {s.name: read_state_rows(slots[s.name], unique_ids, True)
                    for s in self.update_config.table_rule.slots}
             rows = update.row_update(codes, step_size, grads, old, step,
                                      self.update_config.table_rule,
                                      self.embedding_hyperparameters)
-            writes += [_write_state(slots[name], unique_ids, value,
+            writes += [write_state_rows(slots[name], unique_ids, value,
                                     old[name], True, finite)
                        for name, value in rows.state.items()]
             first = PendingTable(
@@ -430,7 +402,7 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
         rule = self.update_config.step_size_rule if spec.learn_step_size \
             else None
         old = {} if rule is None else {
-            s.name: _read_slot(slots[s.name], ids, spec.per_row)
+            s.name: read_state_rows(slots[s.name], ids, spec.per_row)
             for s in rule.slots}
         result = update.step_size_update(
             first.new_weights, first.step_size, grads, old, step, ids, spec,
@@ -439,7 +411,7 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
         writes = []
         if rule is not None:
             writes.append(table.write_step_sizes(ids, result.step_size))
-            writes += [_write_state(slots[name], ids, value, None,
+            writes += [write_state_rows(slots[name], ids, value, None,
                                     spec.per_row)
                        for name, value in result.state.items()]
         # A non-finite step writes the old values back: bitwise unchanged.

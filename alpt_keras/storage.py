@@ -3,12 +3,15 @@
 A storage is a small interface over one variable, `read_rows(ids)`,
 `write_rows(ids, codes)` and `read_all()`, with int32 codes on the
 outside, so the layer and the optimizer never depend on the container.
+`read_state_rows` / `write_state_rows` do the same for the optimizer's
+row-indexed state (additive state is written as `scatter_add`).
 """
 
 import numpy as np
 import tensorflow as tf
 
 from alpt_keras import _keras
+from alpt_keras.update import Increment
 
 
 class Int8Storage:
@@ -163,10 +166,36 @@ class PackedStorage:
                             self.num_bits, self.output_dim)
 
 
-
 def make_storage(kind, variable, num_bits, output_dim):
     """The storage object of `kind` (`SUPPORTED_STORAGE`) over
     `variable`."""
     if kind == "packed":
         return PackedStorage(variable, num_bits, output_dim)
     return Int8Storage(variable)
+
+
+# ------------------------------------------------ optimizer state rows
+def write_state_rows(variable, ids, new, old, per_row, condition=None):
+    """Writes one slot for rows `ids` (or the whole `[1, 1]` slot of a
+    per-table Δ); where `condition` is `False` it stays bitwise unchanged.
+    An `Increment` is written as a `scatter_add` of the increment."""
+    variable = _keras.tf_variable(variable)
+    if isinstance(new, Increment):
+        increment = new.increment if condition is None else tf.where(
+            condition, new.increment, tf.zeros_like(new.increment))
+        if per_row:
+            return variable.scatter_add(tf.IndexedSlices(increment, ids))
+        return variable.assign_add(increment)
+    kept = new if condition is None else tf.where(condition, new, old)
+    if per_row:
+        return variable.scatter_update(tf.IndexedSlices(kept, ids))
+    return variable.assign(kept)
+
+
+def read_state_rows(variable, ids, per_row):
+    """Rows `ids` of a row-indexed state variable (`per_row`), or the
+    whole `[1, 1]` slot of a per-table Δ."""
+    variable = _keras.tf_variable(variable)
+    if per_row:
+        return tf.nn.embedding_lookup(variable, ids)
+    return tf.convert_to_tensor(variable)
