@@ -9,6 +9,7 @@ from alpt_keras import quantizers, update
 from alpt_keras._keras import IS_KERAS_3
 from alpt_keras.callbacks import ALPTMonitor
 from alpt_keras.embedding import ALPTEmbedding
+from alpt_keras.group import ALPTEmbeddingGroup
 from alpt_keras.optimizer import ALPTOptimizer
 from alpt_keras.sharding import RowPartitioner
 from alpt_keras.table import TableState, tables
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALPTEmbedding",
+    "ALPTEmbeddingGroup",
     "ALPTMonitor",
     "ALPTOptimizer",
     "IS_KERAS_3",

@@ -23,7 +23,7 @@ from alpt_keras.table import (
     combine,
 )
 from alpt_keras.two_pass import in_step_size_pass
-from alpt_keras.update import TableSpec
+from alpt_keras.update import GroupSpec, TableSpec
 from alpt_keras.validation import (
     check_bool,
     check_choice,
@@ -54,7 +54,7 @@ def _multi_worker():
 
 class _StorageConvertingStore:
     """A read-only view of a Keras weights store that converts codes saved
-    with the other storage (see `ALPTEmbedding.load_own_variables`)."""
+    with the other storage (see `PhysicalTable.load_own_variables`)."""
 
     def __init__(self, store, layer):
         self._store = store
@@ -70,8 +70,203 @@ class _StorageConvertingStore:
         return self._layer._convert_codes(self._store[key])
 
 
+class _Membership:
+    """Where a stacked `ALPTEmbedding`'s rows live: a plain object, so
+    neither Keras flavour tracks the group as the layer's sublayer."""
+
+    def __init__(self, group, index):
+        self.group = group
+        self.index = index
+
+
+def quantize_rows(spec, w, step, row_ids, noise_step, rounding):
+    """int32 codes of float rows `w` `[U, D]` of the logical table `spec`
+    (`TableSpec`) with Δ `step`, rounding noise keyed by `noise_step`."""
+    noise = None
+    if rounding == "stochastic":
+        noise = quantizers.hash_uniform(spec.seed, spec.salt, noise_step,
+                                        row_ids, spec.output_dim)
+    return quantizers.quantize(w, step, spec.num_bits, rounding, noise)
+
+
+def quantize_table(spec, storage, table, step, rounding):
+    """Stored codes (int8 or packed, per `storage`) of a whole float table
+    of the logical table `spec`, in blocks of rows: the noise and float
+    temporaries of one block, not of the table, bound the peak memory (a
+    2^22 x 16 table would otherwise need GBs of transients). Bitwise the
+    same as one pass: every code depends only on its own weight, Δ and
+    (row, column) noise."""
+    parts = []
+    for start in range(0, spec.input_dim, _INIT_BLOCK_ROWS):
+        stop = min(start + _INIT_BLOCK_ROWS, spec.input_dim)
+        block_step = step[start:stop] if spec.per_row else step
+        codes = quantize_rows(spec, table[start:stop], block_step,
+                              tf.range(start, stop, dtype=tf.int64),
+                              quantizers.INIT_STEP, rounding)
+        if storage == "packed":
+            parts.append(pack_codes(codes, spec.num_bits))
+        else:
+            parts.append(tf.cast(codes, tf.int8))
+    return tf.concat(parts, axis=0)
+
+
+def initial_state(spec, initializer, storage):
+    """The initial `(codes, step_sizes)` of the logical table `spec`: its
+    float table `w0 = initializer([V, D])`, the LSQ initial Δ of `w0`
+    (`[V, 1]` or `[1, 1]`) and the codes of `w0` with the table's
+    rounding. Eager, even when Keras builds inside a scratch graph."""
+    with tf.init_scope():
+        w0 = tf.cast(initializer((spec.input_dim, spec.output_dim),
+                                 "float32"), tf.float32)
+        step0 = quantizers.lsq_initial_step_size(
+            w0, spec.num_bits, per_row=spec.per_row,
+            minimum=spec.min_step_size)
+        return quantize_table(spec, storage, w0, step0, spec.rounding), step0
+
+
+def check_storage_for_strategy(storage, name):
+    if storage == "int8" and _multi_worker():
+        raise ValueError(
+            f"ALPT table '{name}': MultiWorkerMirroredStrategy "
+            "creates variables with collective broadcasts, which refuse "
+            "int8. Use `storage='packed'` (int32 words). Received: "
+            "storage='int8' under a multi-worker strategy"
+        )
+
+
+class PhysicalTable(keras.layers.Layer):
+    """The variables and the lookup shared by `ALPTEmbedding` (one logical
+    table) and `ALPTEmbeddingGroup` (several, stacked): codes `[ΣV, ...]`,
+    Δ (`[ΣV, 1]` per row, `[T, 1]` per table) and the gradient carrier.
+    Not a public layer: subclasses decide what a call takes."""
+
+    def _create_table(self, group, storage, codes0, step0):
+        extra = {"autocast": False} if _keras.IS_KERAS_3 else {}
+        # Keep this order stable: checkpoints store layer weights by
+        # position. Row-indexed variables are marked for `RowPartitioner`
+        # (sharding over parameter servers); the carrier never is.
+        with row_variables(group.input_dim):
+            self.codes = self.add_weight(
+                name="codes",
+                shape=tuple(codes0.shape),
+                dtype=codes0.dtype.name,
+                initializer=lambda shape, dtype=None: codes0,
+                trainable=False,
+                aggregation=_keras.weight_aggregation(),
+                **extra,
+            )
+            self.step_sizes = self.add_weight(
+                name="step_sizes",
+                shape=tuple(step0.shape),
+                dtype="float32",
+                initializer=lambda shape, dtype=None: step0,
+                trainable=False,
+                aggregation=_keras.weight_aggregation(),
+                **extra,
+            )
+        # A one-element trainable variable through which the row gradient
+        # travels, as `tf.IndexedSlices`, to `ALPTOptimizer` (an integer
+        # variable never receives a gradient from the tape).
+        self.gradient_carrier = self.add_weight(
+            name="gradient_carrier",
+            shape=(1,),
+            dtype="float32",
+            initializer="zeros",
+            trainable=True,
+            **extra,
+        )
+        self._table = TableState(
+            spec=group,
+            storage=make_storage(storage, self.codes, group.num_bits,
+                                 group.output_dim),
+            step_sizes=self.step_sizes,
+            layer=self,
+        )
+        setattr(self.gradient_carrier, TAG_ATTRIBUTE, self._table)
+
+    def _lookup(self, ids, training, table_index=None):
+        """Dequantized rows `[N, D]` of global ids `[N]` (checked), whose
+        gradient flows to the carrier. `table_index` `[N]` gives each id's
+        logical table (needed for a per-table Δ in a group of several).
+
+        `training=False` (predict, serving) is a plain lookup; otherwise
+        the rows carry their sparse gradient, and a `training=True` pass
+        insists on an ALPTOptimizer (gradients taken for inspection need
+        none).
+        """
+        table = self._table
+        step_sizes = table.read_step_sizes(ids)
+        if table_index is not None and not table.spec.per_row:
+            step_sizes = tf.gather(step_sizes, table_index)
+        rows = quantizers.dequantize(table.storage.read_rows(ids),
+                                     step_sizes)
+        if training is False and not in_step_size_pass():
+            # Inference (predict, serving): plain dequantized lookup, no
+            # gradient plumbing, so exports capture only codes and Δ.
+            return tf.cast(rows, self.compute_dtype)
+        dense_shape = tf.constant(
+            [table.spec.input_dim, table.spec.output_dim], dtype=tf.int64
+        )
+
+        @tf.custom_gradient
+        def attach(carrier, rows):
+            def grad(upstream):
+                if training is True:
+                    table.check_optimizer()
+                row_grads = tf.IndexedSlices(
+                    tf.cast(upstream, tf.float32), ids, dense_shape
+                )
+                return row_grads, None
+
+            return tf.identity(rows), grad
+
+        carrier = tf.identity(_keras.tf_variable(self.gradient_carrier))
+        rows = attach(carrier, rows)
+        if rows.dtype != self.compute_dtype:
+            rows = tf.cast(rows, self.compute_dtype)
+        return rows
+
+    # ------------------------------------------------------------ checkpoint
+    def load_own_variables(self, store):
+        """Loads `.keras` / `.weights.h5` state saved with either storage:
+        int8 codes are packed, packed codes unpacked, on the fly."""
+        self._ensure_built()
+        super().load_own_variables(_StorageConvertingStore(store, self))
+
+    def _convert_codes(self, value, spec=None):
+        """`value` (a stored variable) in this layer's codes format, or
+        `value` unchanged when it is not codes of the other storage.
+        `spec`: the table the codes belong to (defaults to the layer's
+        whole physical table)."""
+        spec = self._table.spec if spec is None else spec
+        array = np.asarray(value)
+        shape = (spec.input_dim, spec.output_dim)
+        words = (spec.input_dim, words_per_row(spec.output_dim,
+                                               spec.num_bits))
+        if self.storage == "packed" and array.dtype == np.int8 and \
+                array.shape == shape:
+            low, high = quantizers.code_range(spec.num_bits)
+            if array.min(initial=0) < low or array.max(initial=0) > high:
+                raise ValueError(
+                    f"Cannot load int8 codes into the {spec.num_bits}-bit "
+                    f"packed layer '{self.name}': codes must be in "
+                    f"[{low}, {high}]. Received: codes in "
+                    f"[{array.min()}, {array.max()}]"
+                )
+            return pack_codes(array, spec.num_bits).numpy()
+        if self.storage == "int8" and array.dtype == np.int32 and \
+                array.shape == words:
+            codes = unpack_codes(array, spec.num_bits, spec.output_dim)
+            return tf.cast(codes, tf.int8).numpy()
+        return value
+
+    def _ensure_built(self):
+        if self._table is None:
+            self.build(None)
+
+
 @_keras.register
-class ALPTEmbedding(keras.layers.Layer):
+class ALPTEmbedding(PhysicalTable):
     """Embedding table trained in low precision with a learned step size.
 
     The table is kept as integer codes `ŵ` in `[-2^(b-1), 2^(b-1) - 1]` plus a
@@ -190,119 +385,120 @@ class ALPTEmbedding(keras.layers.Layer):
         # containing this layer (unique, scatter and asserts are not XLA-safe).
         self.supports_jit = False
         self._table = None
+        # (group, index) when this table is stacked in an
+        # `ALPTEmbeddingGroup` (`stack_into`): it then owns no variables.
+        self._member = None
 
-    # ------------------------------------------------------------------ build
+    @property
+    def table_spec(self):
+        """`alpt_keras.update.TableSpec` of this table (no variables)."""
+        return TableSpec(
+            name=self.name,
+            input_dim=self.input_dim,
+            output_dim=self.output_dim,
+            num_bits=self.num_bits,
+            step_size_mode=self.step_size_mode,
+            rounding=self.rounding,
+            learn_step_size=self.learn_step_size,
+            seed=0 if self.seed is None else self.seed,
+            salt=self.noise_salt,
+            min_step_size=self.min_step_size,
+        )
+
     def build(self, input_shape=None):
+        if self._member is not None:
+            self.built = True  # the group holds the variables
+            return
         if self._table is not None:
             return
-        if self.storage == "int8" and _multi_worker():
-            raise ValueError(
-                f"ALPTEmbedding '{self.name}': MultiWorkerMirroredStrategy "
-                "creates variables with collective broadcasts, which refuse "
-                "int8. Use `storage='packed'` (int32 words). Received: "
-                "storage='int8' under a multi-worker strategy"
-            )
-        per_row = self.step_size_mode == "row"
-        shape = (self.input_dim, self.output_dim)
-        # Eager even when Keras builds inside a scratch graph (symbolic
-        # build of subclassed models): the initializers below close over
-        # these values.
-        with tf.init_scope():
-            w0 = tf.cast(self.embeddings_initializer(shape, "float32"),
-                         tf.float32)
-            step0 = quantizers.lsq_initial_step_size(
-                w0, self.num_bits, per_row=per_row,
-                minimum=self.min_step_size
-            )
-            codes0 = self._quantize_table(w0, step0, self.rounding)
-        extra = {"autocast": False} if _keras.IS_KERAS_3 else {}
-        # Keep this order stable: checkpoints store layer weights by position.
-        # Row-indexed variables are marked for `RowPartitioner` (sharding
-        # over parameter servers); the carrier never is.
-        with row_variables(self.input_dim):
-            self.codes = self.add_weight(
-                name="codes",
-                shape=tuple(codes0.shape),
-                dtype=codes0.dtype.name,
-                initializer=lambda shape, dtype=None: codes0,
-                trainable=False,
-                aggregation=_keras.weight_aggregation(),
-                **extra,
-            )
-            self.step_sizes = self.add_weight(
-                name="step_sizes",
-                shape=(self.input_dim if per_row else 1, 1),
-                dtype="float32",
-                initializer=lambda shape, dtype=None: step0,
-                trainable=False,
-                aggregation=_keras.weight_aggregation(),
-                **extra,
-            )
-        # A one-element trainable variable through which the row gradient
-        # travels, as `tf.IndexedSlices`, to `ALPTOptimizer` (an integer
-        # variable never receives a gradient from the tape).
-        self.gradient_carrier = self.add_weight(
-            name="gradient_carrier",
-            shape=(1,),
-            dtype="float32",
-            initializer="zeros",
-            trainable=True,
-            **extra,
-        )
-        self._table = TableState(
-            spec=TableSpec(
-                name=self.name,
-                input_dim=self.input_dim,
-                output_dim=self.output_dim,
-                num_bits=self.num_bits,
-                step_size_mode=self.step_size_mode,
-                rounding=self.rounding,
-                learn_step_size=self.learn_step_size,
-                seed=0 if self.seed is None else self.seed,
-                salt=self.noise_salt,
-                min_step_size=self.min_step_size,
-            ),
-            storage=make_storage(self.storage, self.codes, self.num_bits,
-                                 self.output_dim),
-            step_sizes=self.step_sizes,
-            layer=self,
-        )
-        setattr(self.gradient_carrier, TAG_ATTRIBUTE, self._table)
+        check_storage_for_strategy(self.storage, self.name)
+        spec = self.table_spec
+        codes0, step0 = initial_state(spec, self.embeddings_initializer,
+                                      self.storage)
+        # A group of one: `ALPTEmbeddingGroup` runs the same code.
+        self._create_table(GroupSpec((spec,), name=self.name), self.storage,
+                           codes0, step0)
         self.built = True
 
-    def _quantize_table(self, table, step, rounding):
-        """Stored codes (int8 or packed) of a whole float table, in blocks
-        of rows: the noise and float temporaries of one block, not of
-        the table, bound the peak memory (a 2^22 x 16 table would otherwise
-        need GBs of transients). Bitwise the same as one pass: every code
-        depends only on its own weight, Δ and (row, column) noise."""
-        parts = []
-        for start in range(0, self.input_dim, _INIT_BLOCK_ROWS):
-            stop = min(start + _INIT_BLOCK_ROWS, self.input_dim)
-            block_step = step[start:stop] if self.step_size_mode == "row" \
-                else step
-            codes = self._quantize_rows(
-                table[start:stop], block_step,
-                tf.range(start, stop, dtype=tf.int64),
-                quantizers.INIT_STEP, rounding)
-            if self.storage == "packed":
-                parts.append(pack_codes(codes, self.num_bits))
-            else:
-                parts.append(tf.cast(codes, tf.int8))
-        return tf.concat(parts, axis=0)
+    # ------------------------------------------------------------- stacking
+    def stack_into(self, group):
+        """Makes this (unbuilt) layer the view of its logical table in
+        `group`, an `ALPTEmbeddingGroup` built from it: the layer then
+        owns no variables, is not called (the group is), and saves and
+        loads its table's rows of the group's variables under its own
+        path, in the format of a separate table. So `.keras` and
+        `.weights.h5` files move between stacked and separate models
+        (what `models.FeatureEmbedding` relies on)."""
+        if self._table is not None:
+            raise ValueError(
+                f"ALPTEmbedding '{self.name}' is built and owns variables; "
+                "only an unbuilt layer can be stacked. Received: a built "
+                "layer")
+        self._member = _Membership(group, group.table_names.index(self.name))
 
-    def _quantize_rows(self, w, step, row_ids, noise_step, rounding):
-        noise = None
-        if rounding == "stochastic":
-            seed = 0 if self.seed is None else self.seed
-            noise = quantizers.hash_uniform(
-                seed, self.noise_salt, noise_step, row_ids, self.output_dim
-            )
-        return quantizers.quantize(w, step, self.num_bits, rounding, noise)
+    @property
+    def stacked_in(self):
+        """The `ALPTEmbeddingGroup` holding this table, or `None`."""
+        return None if self._member is None else self._member.group
+
+    def _member_rows(self):
+        group, index = self._member.group, self._member.index
+        group._ensure_built()
+        return group, index, group.offsets[index], group.offsets[index + 1]
+
+    def save_own_variables(self, store):
+        if self._member is None:
+            return super().save_own_variables(store)
+        group, index, _, _ = self._member_rows()
+        _, codes, steps = group._table.logical_values()[index]
+        # The order of a separate table: carrier, codes, step sizes.
+        store["0"] = np.zeros((1,), np.float32)
+        store["1"] = np.asarray(codes)
+        store["2"] = np.asarray(steps)
+
+    def _load_member(self, store):
+        group, index, start, stop = self._member_rows()
+        if len(store.keys()) != 3:
+            raise ValueError(
+                f"Layer '{self.name}' expected 3 variables (gradient "
+                "carrier, codes, step sizes), but received "
+                f"{len(store.keys())} variables during loading.")
+        spec = self.table_spec
+        codes = np.asarray(self._convert_codes(store["1"], spec))
+        steps = np.asarray(store["2"])
+        variable = group._table.codes
+        dtype = tf.as_dtype(variable.dtype)
+        want_codes = (stop - start,) + tuple(variable.shape[1:])
+        want_steps = (stop - start, 1) if spec.per_row else (1, 1)
+        if codes.shape != want_codes or codes.dtype != dtype.as_numpy_dtype:
+            raise ValueError(
+                f"Cannot load table '{self.name}': its codes must have shape "
+                f"{want_codes} and dtype {dtype.name}. Received: shape "
+                f"{codes.shape}, dtype {codes.dtype}")
+        if steps.shape != want_steps:
+            raise ValueError(
+                f"Cannot load table '{self.name}': its step sizes must have "
+                f"shape {want_steps}. Received: shape {steps.shape}")
+        rows = tf.range(start, stop, dtype=tf.int64)
+        _keras.tf_variable(group.codes).scatter_update(
+            tf.IndexedSlices(tf.constant(codes), rows))
+        step_rows = rows if spec.per_row else tf.constant([index], tf.int64)
+        _keras.tf_variable(group.step_sizes).scatter_update(
+            tf.IndexedSlices(tf.constant(steps, tf.float32), step_rows))
+
+    def load_own_variables(self, store):
+        if self._member is None:
+            return super().load_own_variables(store)
+        return self._load_member(store)
 
     # ------------------------------------------------------------------- call
     def call(self, inputs, training=None):
         _keras.refuse_xla(f"ALPTEmbedding '{self.name}'")
+        if self._member is not None:
+            raise ValueError(
+                f"ALPTEmbedding '{self.name}' is stacked in the "
+                f"ALPTEmbeddingGroup '{self._member.group.name}': call the "
+                "group. Received: a call of the stacked table")
         if isinstance(inputs, tf.SparseTensor):
             inputs = tf.RaggedTensor.from_sparse(inputs)
         if isinstance(inputs, tf.RaggedTensor):
@@ -338,43 +534,6 @@ class ALPTEmbedding(keras.layers.Layer):
         """int64 ids, checked against `[0, input_dim)` before any use."""
         return checked_ids(flat, self.input_dim, self.name)
 
-    def _lookup(self, ids, training):
-        """Dequantized rows `[N, D]` whose gradient flows to the carrier.
-
-        `training=False` (predict, serving) is a plain lookup; otherwise the
-        rows carry their sparse gradient, and a `training=True` pass insists
-        on an ALPTOptimizer (gradients taken for inspection need none).
-        """
-        table = self._table
-        rows = quantizers.dequantize(
-            table.storage.read_rows(ids), table.read_step_sizes(ids)
-        )
-        if training is False and not in_step_size_pass():
-            # Inference (predict, serving): plain dequantized lookup, no
-            # gradient plumbing, so exports capture only codes and Δ.
-            return tf.cast(rows, self.compute_dtype)
-        dense_shape = tf.constant(
-            [self.input_dim, self.output_dim], dtype=tf.int64
-        )
-
-        @tf.custom_gradient
-        def attach(carrier, rows):
-            def grad(upstream):
-                if training is True:
-                    table.check_optimizer()
-                row_grads = tf.IndexedSlices(
-                    tf.cast(upstream, tf.float32), ids, dense_shape
-                )
-                return row_grads, None
-
-            return tf.identity(rows), grad
-
-        carrier = tf.identity(_keras.tf_variable(self.gradient_carrier))
-        rows = attach(carrier, rows)
-        if rows.dtype != self.compute_dtype:
-            rows = tf.cast(rows, self.compute_dtype)
-        return rows
-
     def compute_output_shape(self, input_shape):
         input_shape = tuple(input_shape)
         if self.combiner is not None:
@@ -385,11 +544,15 @@ class ALPTEmbedding(keras.layers.Layer):
     def unpacked_codes(self):
         """The codes as an int8 tensor `[input_dim, output_dim]`, whatever
         the storage."""
+        if self._member is not None:
+            return self._member.group.unpacked_codes(self.name)
         self._ensure_built()
         return tf.cast(self._table.storage.read_all(), tf.int8)
 
     def dequantized_table(self):
         """The float32 table `Δ · ŵ`, shape `[input_dim, output_dim]`."""
+        if self._member is not None:
+            return self._member.group.dequantized_table(self.name)
         self._ensure_built()
         return quantizers.dequantize(
             self._table.storage.read_all(),
@@ -408,6 +571,11 @@ class ALPTEmbedding(keras.layers.Layer):
             rounding: `"deterministic"` (round half up; the default, the
                 closest codes) or `"stochastic"`.
         """
+        if self._member is not None:
+            raise NotImplementedError(
+                f"ALPTEmbedding '{self.name}' is stacked in a group; warm "
+                "start the table before stacking it (or use separate "
+                "tables). Received: set_float_table on a stacked table")
         self._ensure_built()
         table = np.asarray(table, dtype=np.float32)
         expected = (self.input_dim, self.output_dim)
@@ -432,7 +600,8 @@ class ALPTEmbedding(keras.layers.Layer):
             per_row=self.step_size_mode == "row",
             minimum=self.min_step_size,
         )
-        codes = self._quantize_table(tf.constant(table), step, rounding)
+        codes = quantize_table(self.table_spec, self.storage,
+                               tf.constant(table), step, rounding)
         self.step_sizes.assign(step)
         self.codes.assign(codes)
 
@@ -456,41 +625,6 @@ class ALPTEmbedding(keras.layers.Layer):
                     **kwargs)
         layer.set_float_table(table)
         return layer
-
-    # ------------------------------------------------------------ checkpoint
-    def load_own_variables(self, store):
-        """Loads `.keras` / `.weights.h5` state saved with either storage:
-        int8 codes are packed, packed codes unpacked, on the fly."""
-        self._ensure_built()
-        super().load_own_variables(_StorageConvertingStore(store, self))
-
-    def _convert_codes(self, value):
-        """`value` (a stored variable) in this layer's codes format, or
-        `value` unchanged when it is not codes of the other storage."""
-        array = np.asarray(value)
-        shape = (self.input_dim, self.output_dim)
-        words = (self.input_dim, words_per_row(self.output_dim,
-                                               self.num_bits))
-        if self.storage == "packed" and array.dtype == np.int8 and \
-                array.shape == shape:
-            low, high = quantizers.code_range(self.num_bits)
-            if array.min(initial=0) < low or array.max(initial=0) > high:
-                raise ValueError(
-                    f"Cannot load int8 codes into the {self.num_bits}-bit "
-                    f"packed layer '{self.name}': codes must be in "
-                    f"[{low}, {high}]. Received: codes in "
-                    f"[{array.min()}, {array.max()}]"
-                )
-            return pack_codes(array, self.num_bits).numpy()
-        if self.storage == "int8" and array.dtype == np.int32 and \
-                array.shape == words:
-            codes = unpack_codes(array, self.num_bits, self.output_dim)
-            return tf.cast(codes, tf.int8).numpy()
-        return value
-
-    def _ensure_built(self):
-        if self._table is None:
-            self.build(None)
 
     def get_config(self):
         config = super().get_config()

@@ -230,7 +230,7 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
             rules = [(self.update_config.table_rule, spec.input_dim)]
             if spec.learn_step_size:
                 rules.append((self.update_config.step_size_rule,
-                              spec.input_dim if spec.per_row else 1))
+                              spec.num_step_sizes))
             with row_variables(spec.input_dim):  # for RowPartitioner
                 for rule, rows in rules:
                     for slot in rule.slots:
@@ -364,12 +364,14 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
                 touched):
             slots = self.table_slots(table)
             codes = table.storage.read_rows(unique_ids)  # (U, D) int32
-            step_size = table.read_step_sizes(unique_ids)  # (U|1, 1)
+            step_size = table.read_step_sizes(unique_ids)  # (U|T, 1)
+            location = update.locate(table.spec, unique_ids)
             old = {s.name: read_state_rows(slots[s.name], unique_ids, True)
                    for s in self.update_config.table_rule.slots}
-            rows = update.row_update(codes, step_size, grads, old, step,
-                                     self.update_config.table_rule,
-                                     self.embedding_hyperparameters)
+            rows = update.row_update(
+                codes, update.row_step_sizes(step_size, table.spec, location),
+                grads, old, step, self.update_config.table_rule,
+                self.embedding_hyperparameters)
             writes += [write_state_rows(slots[name], unique_ids, value,
                                     old[name], True, finite)
                        for name, value in rows.state.items()]
@@ -379,8 +381,10 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
                 rows.new_weights)
             if carriers is not None and table.spec.learn_step_size:
                 fake = update.requantize(
-                    rows.new_weights, step_size, unique_ids, step,
-                    table.spec, rounding="deterministic")
+                    rows.new_weights,
+                    update.row_step_sizes(step_size, table.spec, location),
+                    unique_ids, step, table.spec, rounding="deterministic",
+                    location=location)
                 writes.append(table.storage.write_rows(
                     unique_ids, tf.where(finite, fake, codes)))
                 pending.append(first)

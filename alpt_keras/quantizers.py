@@ -117,7 +117,16 @@ def hash_uniform(seed, salt, step, row_ids, num_columns):
         float32 tensor of shape `[U, D]` on the grid `k / 2^24`, so every
         value is exact in float32 and `P(u < r) = r` up to `2^-24`.
     """
-    row_keys = _fold64(hash_key(seed, salt, step), row_ids)  # (U,)
+    return hash_uniform_keyed(hash_key(seed, salt, step), row_ids,
+                              num_columns)
+
+
+def hash_uniform_keyed(keys, row_ids, num_columns):
+    """`hash_uniform` from its keys: `keys` is the uint32 `hash_key` of
+    (seed, salt, step), a scalar or one per row (`[U]`, for rows of
+    different logical tables); `row_ids` `[U]`. Every op is elementwise,
+    so a row's noise depends only on its own key and id."""
+    row_keys = _fold64(keys, row_ids)  # (U,)
     columns = tf.range(num_columns, dtype=tf.int64)
     column_keys = _mix32(_uint32((columns + 1) * _COLUMN_MUL))  # (D,)
     bits = _mix32(

@@ -86,8 +86,13 @@ def checked_ids(flat, input_dim, name):
 class TableState:
     """One ALPT table: its fixed settings and its variables.
 
+    A layer's variables hold one or several logical tables (a group:
+    stacked rows, `alpt_keras.ALPTEmbeddingGroup`); `ALPTEmbedding` is a
+    group of one, so both run the same code.
+
     Attributes:
-        spec: `alpt_keras.update.TableSpec`, the fixed settings.
+        spec: `alpt_keras.update.GroupSpec`, the fixed settings (`.tables`:
+            the logical tables' `TableSpec`s; `.offsets`: their first rows).
         storage: the codes container (`read_rows`, `write_rows`,
             `read_all`; `alpt_keras.storage`).
         step_sizes: float32 variable of Δ, `[V, 1]` (per-row mode) or
@@ -111,7 +116,9 @@ class TableState:
         return self.storage.variable
 
     def read_step_sizes(self, ids):
-        """Δ for rows `ids`: `[U, 1]` per row, `[1, 1]` per table."""
+        """Δ for rows `ids`: `[U, 1]` per row; per table, the whole Δ
+        variable `[T, 1]` (one per logical table; `update.row_step_sizes`
+        spreads it over rows)."""
         variable = _keras.tf_variable(self.step_sizes)
         if self.spec.per_row:
             return tf.nn.embedding_lookup(variable, ids)
@@ -122,6 +129,21 @@ class TableState:
         if self.spec.per_row:
             return variable.scatter_update(tf.IndexedSlices(values, ids))
         return variable.assign(values)
+
+    def logical_values(self):
+        """`(TableSpec, codes, step_sizes)` of each logical table, its rows
+        sliced out of the (possibly stacked, possibly sharded) variables:
+        codes `[V_t, ...]` as stored, Δ `[V_t, 1]` or `[1, 1]`."""
+        codes = tf.convert_to_tensor(self.codes)  # joins PS shards
+        steps = tf.convert_to_tensor(self.step_sizes)
+        offsets = self.spec.offsets
+        out = []
+        for t, spec in enumerate(self.spec.tables):
+            rows = slice(offsets[t], offsets[t + 1])
+            out.append((spec, codes[rows],
+                        steps[rows] if self.spec.per_row
+                        else steps[t:t + 1]))
+        return out
 
     def claim(self, optimizer):
         self.claimed_by = weakref.ref(optimizer)

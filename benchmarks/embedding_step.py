@@ -14,7 +14,17 @@ Setups, all in the same process so their ratios are comparable:
 - `float32_adam`: `keras.layers.Embedding` + Keras Adam (dense `[V, D]`
   moment updates).
 
+With `--layout criteo_like`, the 26 features look up 26 tables of the
+sizes of `alpt-train`'s default data (10 … 31,623 rows, 114,732 in all;
+feature i's ids are column i of the draw above `% V_i`). Setups: `alpt`
+(the 26 tables stacked in one `ALPTEmbeddingGroup`), `alpt_unstacked` (26
+`ALPTEmbedding` layers), `alpt_one_table` (one `ALPTEmbedding` of all
+114,732 rows, each feature's ids offset to its block: the same rows, no
+per-table cost), `float32_sgd` (26 `keras.layers.Embedding`), and the
+FBGEMM peer with the 26 tables in one TBE.
+
     python benchmarks/embedding_step.py           # full (~2 min)
+    python benchmarks/embedding_step.py --layout criteo_like
     python benchmarks/embedding_step.py --tiny    # smoke run for CI
     # with the FBGEMM peer (`peer` extra, in its own environment):
     python benchmarks/embedding_step.py --peer-python peer-venv/bin/python
@@ -44,7 +54,7 @@ from _report import (
     write_report,
 )
 
-from alpt_keras import ALPTEmbedding, ALPTOptimizer, compat
+from alpt_keras import ALPTEmbedding, ALPTEmbeddingGroup, ALPTOptimizer, compat
 
 keras = compat.keras
 
@@ -66,16 +76,69 @@ def _setup(name, rows, dim):
     return layer, optimizer
 
 
-def make_step(name, ids, rows, dim):
+LAYOUTS = ("one_table", "criteo_like")
+CRITEO_LIKE_SETUPS = ("alpt", "alpt_unstacked", "alpt_one_table",
+                      "float32_sgd", "float32_adam")
+
+
+def criteo_like_sizes(fields):
+    """The vocabulary sizes of `alpt-train`'s default data (restated in
+    `peer_fbgemm.py`, whose environment has no alpt_keras)."""
+    return [int(round(10 ** e)) for e in np.linspace(1.0, 4.5, fields)]
+
+
+class _Tables(keras.layers.Layer):
+    """The criteo_like layout: feature i looks up table i; `[B, F]` ids
+    in, `[B, F, D]` rows out, in one of three forms (`kind`)."""
+
+    def __init__(self, kind, sizes, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.kind, self.sizes = kind, list(sizes)
+        names = [f"C{i + 1}" for i in range(len(sizes))]
+        if kind == "alpt_one_table":
+            self.offsets = np.cumsum([0] + self.sizes[:-1])
+            self.layers_ = [ALPTEmbedding(sum(sizes), dim, seed=0,
+                                          name="table")]
+        elif kind.startswith("alpt"):
+            tables = [ALPTEmbedding(v, dim, seed=i, name=n)
+                      for i, (n, v) in enumerate(zip(names, sizes,
+                                                     strict=True))]
+            self.layers_ = [ALPTEmbeddingGroup(tables, name="group")] \
+                if kind == "alpt" else tables
+        else:
+            self.layers_ = [keras.layers.Embedding(v, dim, name=n)
+                            for n, v in zip(names, sizes, strict=True)]
+
+    def call(self, ids, training=None):
+        columns = tf.unstack(ids, axis=1)
+        kwargs = {"training": True} if self.kind.startswith("alpt") else {}
+        if self.kind == "alpt_one_table":
+            shifted = ids + tf.constant(self.offsets, ids.dtype)
+            return self.layers_[0](shifted, **kwargs)
+        if self.kind == "alpt":
+            return tf.stack(self.layers_[0](columns, **kwargs), axis=1)
+        return tf.stack([layer(c, **kwargs) for layer, c in
+                         zip(self.layers_, columns, strict=True)], axis=1)
+
+
+def make_step(name, ids, rows, dim, sizes=None):
     """A compiled training step of setup `name` (built and warmed up by
-    the caller)."""
-    layer, optimizer = _setup(name, rows, dim)
+    the caller); `sizes`: the criteo_like layout's table sizes."""
+    if sizes is None:
+        layer, optimizer = _setup(name, rows, dim)
+    else:
+        layer = _Tables(name, sizes, dim, name="tables")
+        optimizer = ALPTOptimizer(keras.optimizers.SGD()) \
+            if name.startswith("alpt") else (
+                keras.optimizers.SGD(0.01) if name == "float32_sgd"
+                else keras.optimizers.Adam(1e-3))
     layer(ids[:1])  # build
     optimizer.build(layer.trainable_variables)
     upstream = tf.constant(np.random.default_rng(1).normal(
         0, 1e-4, size=(*ids.shape, dim)).astype(np.float32))
     ids = tf.constant(ids)
-    kwargs = {"training": True} if name in ALPT_SETUPS else {}
+    kwargs = {"training": True} if name in ALPT_SETUPS and sizes is None \
+        else {}
 
     @tf.function
     def step():
@@ -100,7 +163,7 @@ def table_and_state_bytes(step):
 
 
 def _peer_turn(python, rows, dim, batch, features, steps, warmup,
-               precisions):
+               precisions, sizes=None):
     """One turn of the FBGEMM peer: setup -> result dict."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "peer.json")
@@ -109,7 +172,8 @@ def _peer_turn(python, rows, dim, batch, features, steps, warmup,
                 __file__)), "peer_fbgemm.py"), "--rows", str(rows),
              "--dim", str(dim), "--batch", str(batch), "--features",
              str(features), "--steps", str(steps), "--warmup", str(warmup),
-             "--json", out, "--precisions", *precisions],
+             "--json", out, "--precisions", *precisions]
+            + (["--table-sizes", *map(str, sizes)] if sizes else []),
             check=True, capture_output=True, text=True, timeout=1800)
         with open(out, encoding="utf-8") as f:
             report = json.load(f)
@@ -117,11 +181,12 @@ def _peer_turn(python, rows, dim, batch, features, steps, warmup,
 
 
 def measure_all(names, ids, rows, dim, steps, warmup, rounds,
-                peer_python=None):
+                peer_python=None, sizes=None):
     """Median step time of every setup. The setups take turns, `steps`
     steps per turn for `rounds` rounds, so drifting machine load hits all
     of them alike (the peer, if any, takes its turn in each round)."""
-    steps_fn = {name: make_step(name, ids, rows, dim) for name in names}
+    steps_fn = {name: make_step(name, ids, rows, dim, sizes)
+                for name in names}
     peer_info, unsupported = {}, {}
 
     def peer_turn(round_index, times):
@@ -129,7 +194,7 @@ def measure_all(names, ids, rows, dim, steps, warmup, rounds,
                                          else [])
         report, peer = _peer_turn(
             peer_python, rows, dim, ids.shape[0], ids.shape[1], steps,
-            warmup, precisions)
+            warmup, precisions, sizes)
         peer_info.update(report)
         for setup, r in peer.items():
             if r["supported"]:
@@ -163,29 +228,59 @@ def main():
                         help="steps per setup per round")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--setups", nargs="+",
-                        default=["alpt", "alpt_packed", "alpt4_packed",
-                                 "float32_sgd", "float32_adam"])
+    parser.add_argument("--setups", nargs="+", default=None,
+                        help="default: alpt, alpt_packed, alpt4_packed, "
+                             "float32_sgd, float32_adam (one_table); alpt, "
+                             "alpt_unstacked, alpt_one_table, float32_sgd "
+                             "(criteo_like)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="one_table")
     parser.add_argument("--peer-python", default=None,
                         help="interpreter with the `peer` extra (torch + "
                              "fbgemm-gpu-cpu): adds the FBGEMM peer")
-    parser.add_argument("--output", default=default_output("embedding_step"))
+    parser.add_argument("--output", default=None,
+                        help="JSON path (default: benchmarks/results/"
+                             "embedding_step[_criteo_like].json)")
     parser.add_argument("--tiny", action="store_true",
                         help="seconds-long smoke run (CI)")
     args = parser.parse_args()
+    criteo_like = args.layout == "criteo_like"
+    if args.setups is None:
+        args.setups = ["alpt", "alpt_unstacked", "alpt_one_table",
+                       "float32_sgd"] if criteo_like else [
+            "alpt", "alpt_packed", "alpt4_packed", "float32_sgd",
+            "float32_adam"]
+    known = CRITEO_LIKE_SETUPS if criteo_like else (
+        *ALPT_SETUPS, "float32_sgd", "float32_adam")
+    unknown = sorted(set(args.setups) - set(known))
+    if unknown:
+        parser.error(f"--setups {unknown} not in {list(known)} for "
+                     f"--layout {args.layout}")
+    if args.output is None:
+        args.output = default_output(
+            "embedding_step_criteo_like" if criteo_like
+            else "embedding_step")
     if args.tiny:
         args.rows, args.batch, args.steps, args.warmup = 2**12, 256, 3, 1
         args.rounds = 1
-    ids = workload_ids(args.batch, args.features, args.rows)
+    sizes = criteo_like_sizes(args.features) if criteo_like else None
+    if criteo_like:
+        args.rows = sum(sizes)
+        ids = np.random.default_rng(0).zipf(
+            1.2, size=(args.batch, args.features)) % np.asarray(sizes)
+    else:
+        ids = workload_ids(args.batch, args.features, args.rows)
     results, peer = measure_all(args.setups, ids, args.rows, args.dim,
                                 args.steps, args.warmup, args.rounds,
-                                args.peer_python)
+                                args.peer_python, sizes)
     # The baseline is the fastest TensorFlow float32 setup.
     float32 = [r for r in results if r["setup"].startswith("float32")]
     fastest = max(float32, key=lambda r: r["examples_per_second"],
                   default=None)
-    print(f"V={args.rows} D={args.dim} batch={args.batch}x{args.features} "
-          f"({len(np.unique(ids))} unique ids/step), "
+    unique = len(np.unique(ids + np.cumsum([0] + sizes[:-1]))) \
+        if criteo_like else len(np.unique(ids))
+    print(f"{f'{len(sizes)} tables, ' if criteo_like else ''}"
+          f"V={args.rows} D={args.dim} batch={args.batch}x{args.features} "
+          f"({unique} unique ids/step), "
           f"{'Keras 3' if compat.IS_KERAS_3 else 'tf_keras'}, "
           f"median of {args.steps * args.rounds} steps, setups "
           f"interleaved ({args.rounds} rounds of {args.steps})")
@@ -200,7 +295,7 @@ def main():
     report = {
         "benchmark": "embedding_step", "config": vars(args),
         "fastest_float32": fastest["setup"] if fastest else None,
-        "unique_ids_per_step": int(len(np.unique(ids))),
+        "unique_ids_per_step": int(unique),
         "machine": machine_info(),
         "results": results,
         "peer": peer,

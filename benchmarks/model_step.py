@@ -16,7 +16,15 @@ comparable:
 - `float32_adam`: `keras.layers.Embedding`, Keras Adam for everything (its
   moments are updated for all `[V, D]` entries every step).
 
+With `--layout criteo_like` the model has the 26 tables of `alpt-train`'s
+default data instead (vocabularies 10 … 31,623 ids, 114,732 rows in all,
+each field's ids `zipf(1.2) % V_i`), built by `models.FeatureEmbedding`;
+the setups are `alpt` (tables stacked, the default), `alpt_unstacked`
+(`stack_tables=False`: 26 separate tables), `float32_sgd` and
+`float32_adam` (26 `keras.layers.Embedding`).
+
     python benchmarks/model_step.py           # full (~3 min)
+    python benchmarks/model_step.py --layout criteo_like
     python benchmarks/model_step.py --tiny    # smoke run for CI
 
 Prints a table (steady-state examples/s, ratio to the fastest float32 setup
@@ -40,21 +48,19 @@ from _report import (
 from alpt_keras import ALPTEmbedding, ALPTOptimizer, compat, two_pass
 
 keras = compat.keras
-SETUPS = ("alpt", "alpt_2pass", "float32_sgd", "float32_adam")
+SETUPS = ("alpt", "alpt_2pass", "alpt_unstacked", "float32_sgd",
+          "float32_adam")
+LAYOUTS = ("one_table", "criteo_like")
 
 
-def build(name, rows, dim, fields, seed=0):
-    keras.utils.set_random_seed(seed)
-    ids = keras.Input((fields,), dtype="int64", name="ids")
-    if name.startswith("alpt"):
-        table = ALPTEmbedding(rows, dim, seed=seed, name="table")
-    else:
-        table = keras.layers.Embedding(rows, dim, name="table")
-    x = keras.layers.Flatten()(table(ids))
-    for units in (256, 128):
-        x = keras.layers.Dense(units, activation="relu")(x)
-    out = keras.layers.Dense(1, activation="sigmoid")(x)
-    model = keras.Model(ids, out)
+def criteo_like_sizes(fields):
+    """The vocabulary sizes of `alpt-train`'s default data."""
+    from alpt_keras.models.synthetic import criteo_like_synthetic
+
+    return criteo_like_synthetic(1, 0, num_fields=fields).vocab_size
+
+
+def _compile(model, name):
     if name == "float32_sgd":
         optimizer = keras.optimizers.SGD(0.01)
     elif name == "float32_adam":
@@ -70,6 +76,38 @@ def build(name, rows, dim, fields, seed=0):
     return model
 
 
+def build_criteo_like(name, sizes, dim, seed=0):
+    from alpt_keras.models.feature_embedding import FeatureEmbedding
+    from alpt_keras.models.features import simple_features
+
+    keras.utils.set_random_seed(seed)
+    names = [f"C{i + 1}" for i in range(len(sizes))]
+    features = simple_features(
+        dict(zip(names, sizes, strict=True)), embedding_dim=dim,
+        kind="float32" if name.startswith("float32") else "alpt", seed=seed)
+    inputs = {n: keras.Input((), dtype="int64", name=n) for n in names}
+    x = keras.layers.Flatten()(FeatureEmbedding(
+        features, stack_tables=name != "alpt_unstacked")(inputs))
+    for units in (256, 128):
+        x = keras.layers.Dense(units, activation="relu")(x)
+    out = keras.layers.Dense(1, activation="sigmoid")(x)
+    return _compile(keras.Model(inputs, out), name)
+
+
+def build(name, rows, dim, fields, seed=0):
+    keras.utils.set_random_seed(seed)
+    ids = keras.Input((fields,), dtype="int64", name="ids")
+    if name.startswith("alpt"):
+        table = ALPTEmbedding(rows, dim, seed=seed, name="table")
+    else:
+        table = keras.layers.Embedding(rows, dim, name="table")
+    x = keras.layers.Flatten()(table(ids))
+    for units in (256, 128):
+        x = keras.layers.Dense(units, activation="relu")(x)
+    out = keras.layers.Dense(1, activation="sigmoid")(x)
+    return _compile(keras.Model(ids, out), name)
+
+
 class _BatchTimes(keras.callbacks.Callback):
     def __init__(self):
         super().__init__()
@@ -82,13 +120,23 @@ class _BatchTimes(keras.callbacks.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def measure(names, rows, dim, fields, batch, steps, warmup, rounds):
-    ids = workload_ids(batch, fields, rows, count=4)
+def measure(names, rows, dim, fields, batch, steps, warmup, rounds,
+            layout="one_table"):
     labels = np.random.default_rng(1).integers(
         0, 2, size=(batch * 4, 1)).astype(np.float32)
-    data = tf.data.Dataset.from_tensor_slices((ids, labels)).batch(
+    if layout == "criteo_like":
+        sizes = criteo_like_sizes(fields)
+        raw = np.random.default_rng(0).zipf(1.2, size=(4 * batch, fields))
+        ids = raw % np.asarray(sizes)
+        x = {f"C{i + 1}": ids[:, i] for i in range(fields)}
+        models = {name: build_criteo_like(name, sizes, dim)
+                  for name in names}
+    else:
+        ids = workload_ids(batch, fields, rows, count=4)
+        x = ids
+        models = {name: build(name, rows, dim, fields) for name in names}
+    data = tf.data.Dataset.from_tensor_slices((x, labels)).batch(
         batch).repeat().prefetch(2)
-    models = {name: build(name, rows, dim, fields) for name in names}
     for model in models.values():
         model.fit(data, steps_per_epoch=warmup, epochs=1, verbose=0)
     times = {name: [] for name in names}
@@ -116,24 +164,40 @@ def main():
                         help="steps per setup per round")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--setups", nargs="+", default=list(SETUPS),
-                        choices=SETUPS)
-    parser.add_argument("--output", default=default_output("model_step"))
+    parser.add_argument("--setups", nargs="+", default=None,
+                        choices=SETUPS,
+                        help="default: alpt, alpt_2pass and the float32 "
+                             "setups (one_table); alpt, alpt_unstacked and "
+                             "the float32 setups (criteo_like)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="one_table")
+    parser.add_argument("--output", default=None,
+                        help="JSON path (default: benchmarks/results/"
+                             "model_step[_criteo_like].json)")
     parser.add_argument("--tiny", action="store_true",
                         help="seconds-long smoke run (CI)")
     args = parser.parse_args()
+    if args.setups is None:
+        args.setups = ["alpt", "alpt_unstacked"] if args.layout == \
+            "criteo_like" else ["alpt", "alpt_2pass"]
+        args.setups += ["float32_sgd", "float32_adam"]
+    if args.output is None:
+        args.output = default_output(
+            "model_step" if args.layout == "one_table"
+            else f"model_step_{args.layout}")
     if args.tiny:
         args.rows, args.batch, args.steps, args.warmup = 2**12, 256, 2, 1
         args.rounds = 1
     results, unique = measure(args.setups, args.rows, args.dim, args.features,
                               args.batch, args.steps, args.warmup,
-                              args.rounds)
+                              args.rounds, args.layout)
     by_name = {r["setup"]: r for r in results}
     float32 = [r for r in results if r["setup"].startswith("float32")]
     fastest = max(float32, key=lambda r: r["examples_per_second"],
                   default=None)
     adam = by_name.get("float32_adam")
-    print(f"V={args.rows} D={args.dim} batch={args.batch}x{args.features} "
+    tables = (f"{args.features} tables, {sum(criteo_like_sizes(args.features))}"
+              " rows" if args.layout == "criteo_like" else f"V={args.rows}")
+    print(f"{tables} D={args.dim} batch={args.batch}x{args.features} "
           f"(~{unique} unique ids/step), MLP 256-128, "
           f"{'Keras 3' if compat.IS_KERAS_3 else 'tf_keras'}, median of "
           f"{args.steps * args.rounds} steps, setups interleaved")

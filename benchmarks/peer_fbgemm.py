@@ -1,7 +1,8 @@
 """Peer: FBGEMM's CPU training operator on the embedding-step workload.
 
-One table of V rows x D in FBGEMM's table-batched embedding (TBE) training
-module on the host, the 26 features mapped to it, bag size 1 (sum pooling
+One table of V rows x D (or, with `--table-sizes`, one table per feature)
+in FBGEMM's table-batched embedding (TBE) training module on the host,
+the 26 features mapped to it, bag size 1 (sum pooling
 of one id), exact row-wise Adagrad fused into the backward pass, loss
 `Σ rows · c` as in `embedding_step.py`. Measures FP32 and FP16 weights and
 records whether INT8 weights can train on CPU at all.
@@ -21,7 +22,7 @@ import time
 import numpy as np
 
 
-def _tbe(rows, dim, fields, precision):
+def _tbe(rows, dim, fields, precision, sizes=None):
     import torch
     from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import (
@@ -34,9 +35,9 @@ def _tbe(rows, dim, fields, precision):
     )
 
     return SplitTableBatchedEmbeddingBagsCodegen(
-        embedding_specs=[(rows, dim, EmbeddingLocation.HOST,
-                          ComputeDevice.CPU)],
-        feature_table_map=[0] * fields,
+        embedding_specs=[(v, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)
+                         for v in (sizes or [rows])],
+        feature_table_map=list(range(fields)) if sizes else [0] * fields,
         optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD,
         learning_rate=0.01, eps=1e-8,
         weights_precision=getattr(SparseType, precision),
@@ -46,12 +47,12 @@ def _tbe(rows, dim, fields, precision):
     )
 
 
-def measure(precision, ids, rows, dim, steps, warmup):
+def measure(precision, ids, rows, dim, steps, warmup, sizes=None):
     import torch
 
     batch, fields = ids.shape
     try:
-        tbe = _tbe(rows, dim, fields, precision)
+        tbe = _tbe(rows, dim, fields, precision, sizes)
     except Exception as error:  # noqa: BLE001 - recorded, not hidden
         return {"setup": f"fbgemm_{precision.lower()}", "supported": False,
                 "error": f"{type(error).__name__}: {error}"[:300]}
@@ -87,6 +88,9 @@ def main():
                         help="torch threads (0: torch's default)")
     parser.add_argument("--precisions", nargs="+",
                         default=["FP32", "FP16", "INT8"])
+    parser.add_argument("--table-sizes", type=int, nargs="+", default=None,
+                        help="one table per feature, of these sizes (the "
+                             "criteo_like layout; ids % size)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     import torch
@@ -96,10 +100,12 @@ def main():
     # `_report.workload_ids`, restated: the peer's environment has no
     # TensorFlow, which `_report` imports.
     ids = np.random.default_rng(0).zipf(
-        1.2, size=(args.batch, args.features)) % args.rows
+        1.2, size=(args.batch, args.features)) % (
+            np.asarray(args.table_sizes) if args.table_sizes else args.rows)
     import fbgemm_gpu
 
-    results = [measure(p, ids, args.rows, args.dim, args.steps, args.warmup)
+    results = [measure(p, ids, args.rows, args.dim, args.steps, args.warmup,
+                       args.table_sizes)
                for p in args.precisions]
     with open(args.json, "w", encoding="utf-8") as f:
         json.dump({"torch": torch.__version__,

@@ -214,7 +214,8 @@ def build_pieces(rows, dim, ids_np, fused_op=None):
 
     @tf.function
     def hash_noise():
-        return quantizers.hash_uniform(table.spec.seed, table.spec.salt,
+        spec = table.spec.tables[0]  # the one logical table
+        return quantizers.hash_uniform(spec.seed, spec.salt,
                                        tf.constant(0, tf.int64), unique_ids,
                                        dim)
     pieces["hash_noise"] = hash_noise
@@ -242,11 +243,12 @@ def build_pieces(rows, dim, ids_np, fused_op=None):
         return pieces, int(unique_ids.shape[0]), check
 
     def fused_math(codes, step_size, acc, step_acc, g, uids):
-        key = quantizers.hash_key(table.spec.seed, table.spec.salt, 0)
+        spec = table.spec.tables[0]  # the one logical table
+        key = quantizers.hash_key(spec.seed, spec.salt, 0)
         c, s, i = fused_op.alpt_row_update(
             codes, step_size, acc, step_acc, g, uids, key, num_bits=8,
             learning_rate=0.01, step_size_learning_rate=0.03, epsilon=1e-8,
-            step_size_epsilon=1e-12, min_step_size=table.spec.min_step_size)
+            step_size_epsilon=1e-12, min_step_size=spec.min_step_size)
         return c, s, i, i
 
     @tf.function

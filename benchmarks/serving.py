@@ -1,10 +1,11 @@
 """Serving cost: export size and latency, ALPT vs float32 exports.
 
 Exports the same CTR model (DNN 256-128 with BatchNorm, as `alpt-train`)
-with float32, ALPT 8-bit (int8 storage) and ALPT 4-bit (packed) tables,
-for two table layouts:
-- `criteo_like`: 26 tables of 10 to ~30,000 rows x 16 (alpt-train's
-  default data, 459k rows);
+with float32, ALPT 8-bit (int8 storage) and ALPT 4-bit (packed) tables
+(stacked into one group, the default of `models.FeatureEmbedding`), and
+ALPT 8-bit as 26 separate tables (`alpt8_unstacked`), for two layouts:
+- `criteo_like`: 26 tables of 10 to 31,623 rows x 16 (alpt-train's
+  default data, 114,732 rows);
 - `one_big_table`: one table of 2^20 rows x 16 and 26 id features
   sharing it.
 Latency is measured the way TF Serving runs a SavedModel: loaded into a TF1
@@ -32,7 +33,8 @@ from alpt_keras.models import FeatureConfig, TableConfig, build_ctr_model
 FIELDS, DIM = 26, 16
 VARIANTS = {"float32": dict(kind="float32"),
             "alpt8": dict(kind="alpt", num_bits=8),
-            "alpt4_packed": dict(kind="alpt", num_bits=4, storage="packed")}
+            "alpt4_packed": dict(kind="alpt", num_bits=4, storage="packed"),
+            "alpt8_unstacked": dict(kind="alpt", num_bits=8)}
 
 
 def _features(layout, variant, tiny):
@@ -83,9 +85,13 @@ def main():
         for layout in ("criteo_like", "one_big_table"):
             sessions = {}
             for variant in VARIANTS:
+                if layout == "one_big_table" and \
+                        variant.endswith("_unstacked"):
+                    continue  # one table: nothing to stack
                 features = _features(layout, variant, args.tiny)
-                model = build_ctr_model(features, model="dnn",
-                                        hidden_units=hidden)
+                model = build_ctr_model(
+                    features, model="dnn", hidden_units=hidden,
+                    stack_tables=not variant.endswith("_unstacked"))
                 version_dir = export_for_serving(
                     model, base, f"{layout}_{variant}")
                 size = export_size_report(version_dir)
@@ -123,12 +129,12 @@ def main():
                     r[batch][q] / ref[batch][q])
     print(f"\n{count} requests per batch size, TF1 Session path, exports "
           "interleaved in one process\n")
-    print(f"{'layout':14} {'variant':13} {'export MB':>9} {'ratio':>6} "
+    print(f"{'layout':14} {'variant':16} {'export MB':>9} {'ratio':>6} "
           f"{'tables':>6} {'b1 p50 ms':>9} {'p99':>6} {'ratio':>6} "
           f"{'b256 p50':>8} {'p99':>6} {'ratio':>6}")
     for r in rows:
         b1, b256 = r["batch1"], r["batch256"]
-        print(f"{r['layout']:14} {r['variant']:13} "
+        print(f"{r['layout']:14} {r['variant']:16} "
               f"{r['export_bytes'] / 1e6:>9.2f} {r['export_ratio']:>6.3f} "
               f"{r['table_ratio']:>6.3f} {b1['p50_ms']:>9.3f} "
               f"{b1['p99_ms']:>6.3f} {b1['p50_ratio']:>6.2f} "

@@ -50,6 +50,11 @@ def _parser():
                         "(4-bit tables take half the bytes of 8-bit ones). "
                         "auto: packed in a multi-worker cluster (whose "
                         "collectives refuse int8), else int8.")
+    p.add_argument("--stack-tables", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="Stack ALPT tables with the same settings into one "
+                        "physical table each (one lookup and one update "
+                        "chain per group; the same numbers). Default: on.")
     p.add_argument("--rounding", choices=("stochastic", "deterministic"),
                    default="stochastic")
     p.add_argument("--step-size", choices=("row", "table"), default="row")
@@ -222,21 +227,20 @@ def _multi_worker_strategy(args, cluster):
 
 
 def table_digests(model):
-    """sha256 of each ALPT table's codes and step sizes (workers of one
-    cluster must agree bit for bit)."""
+    """sha256 of each logical ALPT table's codes and step sizes (workers
+    of one cluster must agree bit for bit)."""
     import hashlib
-
-    import tensorflow as tf
 
     from alpt_keras import tables
 
     digests = {}
     for table in tables(model):
-        h = hashlib.sha256()
-        for variable in (table.codes, table.step_sizes):
-            # (convert_to_tensor also joins parameter-server shards)
-            h.update(np.asarray(tf.convert_to_tensor(variable)).tobytes())
-        digests[table.name] = h.hexdigest()
+        # Per logical table, so stacked and separate tables compare.
+        for spec, codes, steps in table.logical_values():
+            h = hashlib.sha256()
+            for values in (codes, steps):
+                h.update(np.asarray(values).tobytes())
+            digests[spec.name] = h.hexdigest()
     return digests
 
 
@@ -457,7 +461,8 @@ def build_model(run, features):
     with scope:
         model = build_ctr_model(features, model=args.model,
                                 hidden_units=args.hidden_units,
-                                seed=args.seed)
+                                seed=args.seed,
+                                stack_tables=args.stack_tables)
         optimizer = keras.optimizers.Adam(args.learning_rate)
         if args.embedding != "float32":
             optimizer = ALPTOptimizer(
@@ -469,6 +474,44 @@ def build_model(run, features):
         model.compile(optimizer=optimizer, loss="binary_crossentropy",
                       metrics=[keras.metrics.AUC(name="auc")])
     return model, optimizer
+
+
+LAYOUT_FILE = "alpt_layout.json"
+
+
+def check_backup_layout(backup, stacked):
+    """Refuses to resume a backup written with the other table layout
+    (stacked vs separate ALPT tables): the optimizer's slots, and under
+    tf_keras every variable's checkpoint path, differ between the two.
+    Records the layout of a new backup. Backups from before stacking
+    existed hold separate tables."""
+    marker = os.path.join(backup, LAYOUT_FILE)
+    # Backup files (Keras 3: latest.weights.h5 + training_metadata.json;
+    # tf_keras: checkpoint + ckpt-*); workers' temporary folders aside.
+    contents = [f for f in os.listdir(backup) if f != LAYOUT_FILE and
+                os.path.isfile(os.path.join(backup, f))] \
+        if os.path.isdir(backup) else []
+    if contents:
+        recorded = False
+        if os.path.exists(marker):
+            with open(marker, encoding="utf-8") as f:
+                recorded = bool(json.load(f).get("stack_tables"))
+        if recorded != stacked:
+            flag = "--stack-tables" if recorded else "--no-stack-tables"
+            raise SystemExit(
+                f"alpt-train: the backup in {backup} was written with "
+                f"{'stacked' if recorded else 'separate'} ALPT tables; this "
+                f"run would use {'stacked' if stacked else 'separate'} ones. "
+                f"Rerun with {flag} to resume it, or delete {backup} to "
+                "start fresh.")
+        return
+    os.makedirs(backup, exist_ok=True)
+    tmp = marker + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"stack_tables": stacked}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, marker)
 
 
 def fit(run, model, data):
@@ -485,8 +528,11 @@ def fit(run, model, data):
         # sharded checkpoint at the end instead.
         # One backup dir for the whole cluster: tf_keras coordinates the
         # workers' writes (Keras 3 would need one per worker).
-        callbacks.append(keras.callbacks.BackupAndRestore(
-            os.path.join(args.output_dir, "backup")))
+        backup = os.path.join(args.output_dir, "backup")
+        if run.is_chief:  # other tasks' temporary files are not backups
+            check_backup_layout(backup, args.stack_tables and
+                                args.embedding != "float32")
+        callbacks.append(keras.callbacks.BackupAndRestore(backup))
     if args.embedding != "float32":
         callbacks.append(ALPTMonitor())
     if args.tensorboard and args.output_dir:

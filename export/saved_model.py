@@ -189,7 +189,8 @@ def _strip_newer_ops(version_dir):
 def alpt_tables(model, variables):
     """Export key prefix -> settings of every ALPT table among `variables`
     (as returned by `serving_variables`), with the keys of its codes and
-    step-size variables."""
+    step-size variables and the logical tables it stacks (`"tables"`:
+    name -> input_dim, row_offset)."""
     keys = {id(v): k for k, v in variables.items()}
     out = {}
     for table in tables(model):
@@ -206,7 +207,12 @@ def alpt_tables(model, variables):
             # readers of exports written before "step_size_mode".
             "step_size": spec.step_size_mode,
             "step_size_mode": spec.step_size_mode,
-            "variables": {"codes": codes, "step_sizes": step_sizes}}
+            "variables": {"codes": codes, "step_sizes": step_sizes},
+            # The logical tables stacked in these variables (one for an
+            # ALPTEmbedding): table t owns rows [row_offset, +input_dim).
+            "tables": {t.name: {"input_dim": t.input_dim,
+                                "row_offset": spec.offsets[i]}
+                       for i, t in enumerate(spec.tables)}}
     return out
 
 
@@ -273,7 +279,9 @@ def export_size_report(version_dir):
     """Bytes per variable (from the checkpoint index), per embedding table
     next to its float32 equivalent (`V·D·4`), and of the whole export.
     Tables listed in `assets.extra/alpt_tables.json` also report their
-    `num_bits` and `storage`."""
+    `num_bits` and `storage`; the logical tables of a group are reported
+    one by one, under the name a separate table would have, with their
+    rows' share of the group's bytes, their `group` and `row_offset`."""
     meta_path = os.path.join(version_dir, "assets.extra", TABLES_FILE)
     meta = {}
     if os.path.exists(meta_path):
@@ -304,10 +312,32 @@ def export_size_report(version_dir):
         names = settings.get("variables", {
             "codes": f"{prefix}.codes", "step_sizes": f"{prefix}.step_sizes"})
         codes = variables[names["codes"]]
-        tables[prefix] = {
-            "bytes": codes["bytes"] + variables[names["step_sizes"]]["bytes"],
-            "float32_bytes": 4 * codes["shape"][0] * settings["output_dim"],
-            "num_bits": settings["num_bits"], "storage": settings["storage"]}
+        steps = variables[names["step_sizes"]]
+        logical = settings.get("tables", {})
+        if len(logical) <= 1:
+            tables[prefix] = {
+                "bytes": codes["bytes"] + steps["bytes"],
+                "float32_bytes": 4 * codes["shape"][0] * settings[
+                    "output_dim"],
+                "num_bits": settings["num_bits"],
+                "storage": settings["storage"]}
+            continue
+        # A group: each logical table under the name a separate table
+        # would have had (`<parent>.<table>`), with its share of the rows.
+        parent = prefix.rpartition(".")[0]
+        row_bytes = codes["bytes"] // codes["shape"][0]
+        step_bytes = steps["bytes"] // steps["shape"][0]
+        per_row = settings["step_size_mode"] == "row"
+        for name, table in logical.items():
+            rows = table["input_dim"]
+            key = f"{parent}.{name}" if parent else name
+            tables[key] = {
+                "bytes": rows * row_bytes + step_bytes * (
+                    rows if per_row else 1),
+                "float32_bytes": 4 * rows * settings["output_dim"],
+                "num_bits": settings["num_bits"],
+                "storage": settings["storage"], "group": prefix,
+                "row_offset": table["row_offset"]}
     for name, info in variables.items():
         prefix, _, leaf = name.rpartition(".")
         if leaf == "embeddings" and len(info["shape"]) == 2:  # float tables

@@ -56,6 +56,7 @@ def build_ctr_model(
     num_cross_layers=3,
     seed=0,
     name=None,
+    stack_tables=True,
 ):
     """Builds a CTR model over categorical `features`.
 
@@ -77,6 +78,9 @@ def build_ctr_model(
         num_cross_layers: int, for `"dcn"`.
         seed: int. Seeds the dense initializers.
         name: model name. Defaults to `model`.
+        stack_tables: bool. Stack compatible ALPT tables into one physical
+            table each (`FeatureEmbedding`); the same numbers, one update
+            chain per group. Defaults to `True`.
 
     Returns:
         A `keras.Model` mapping the feature dict to click probabilities.
@@ -89,7 +93,8 @@ def build_ctr_model(
     features = [f if isinstance(f, FeatureConfig)
                 else FeatureConfig.from_config(f) for f in features]
     inputs = feature_inputs(features)
-    embedded = FeatureEmbedding(features, name="embedding")(inputs)
+    embedded = FeatureEmbedding(features, stack_tables=stack_tables,
+                                name="embedding")(inputs)
     flat = keras.layers.Flatten(name="flatten")(embedded)  # (B, F*D)
     mlp = MLP(hidden_units, batch_norm=batch_norm, dropout=dropout,
               seed=seed, name="mlp")
@@ -114,6 +119,7 @@ def build_ctr_model(
         top = mlp(flat)
     if model in ("deepfm", "wide_deep"):
         linear = FeatureEmbedding(linear_features(features),
+                                  stack_tables=stack_tables,
                                   name="linear_embedding")(inputs)
         terms.append(SumFields(name="linear")(linear))
     if model == "deepfm":

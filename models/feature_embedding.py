@@ -2,10 +2,12 @@
 
 import tensorflow as tf
 
-from alpt_keras import ALPTEmbedding
+from alpt_keras import ALPTEmbedding, ALPTEmbeddingGroup
 from alpt_keras.compat import keras, register
+from alpt_keras.group import stack
 from alpt_keras.models.features import FeatureConfig
 from alpt_keras.table import combine
+from alpt_keras.validation import check_bool
 
 
 @register
@@ -14,11 +16,20 @@ class FeatureEmbedding(keras.layers.Layer):
 
     One-hot features take ids `[B]`; multi-hot features take `[B, max_ids]`
     where `-1` marks an empty slot (anywhere in the row), reduced with their
-    combiner. Features naming
-    the same table share it. All tables must have the same width `D`.
+    combiner. Features naming the same table share it. All tables must
+    have the same width `D`.
+
+    With `stack_tables=True` (the default), ALPT tables that can share
+    physical variables (same width, bits, storage, Δ mode, rounding,
+    learning of Δ; `alpt_keras.group.stacking_key`) are stacked into one
+    `alpt_keras.ALPTEmbeddingGroup`: one lookup and one update chain per
+    group instead of per table, with bitwise the same numbers as separate
+    tables. Float32 tables stay `keras.layers.Embedding` layers.
 
     Args:
         features: list of `FeatureConfig` (or their configs).
+        stack_tables: bool. Stack compatible ALPT tables. Defaults to
+            `True`.
         **kwargs: base layer arguments.
 
     Call returns float `[B, F, D]` in the order of `features`.
@@ -29,9 +40,11 @@ class FeatureEmbedding(keras.layers.Layer):
     >>> layer = FeatureEmbedding(simple_features({"user": 10, "item": 20}))
     >>> layer({"user": tf.constant([1, 2]), "item": tf.constant([3, 4])}).shape
     TensorShape([2, 2, 16])
+    >>> [g.table_names for g in layer.groups]
+    [['user', 'item']]
     """
 
-    def __init__(self, features, **kwargs):
+    def __init__(self, features, stack_tables=True, **kwargs):
         super().__init__(**kwargs)
         self.features = [
             f if isinstance(f, FeatureConfig) else FeatureConfig.from_config(f)
@@ -39,6 +52,7 @@ class FeatureEmbedding(keras.layers.Layer):
         ]
         if not self.features:
             raise ValueError("`features` must not be empty. Received: []")
+        self.stack_tables = check_bool("stack_tables", stack_tables)
         names = [f.name for f in self.features]
         if len(set(names)) != len(names):
             raise ValueError(
@@ -63,20 +77,39 @@ class FeatureEmbedding(keras.layers.Layer):
             )
         self.embedding_dim = widths.pop()
         self.table_configs = [c for c, _ in tables.values()]
-        # A list attribute, so both Keras flavours track the sublayers.
+        # A list attribute, so both Keras flavours track the sublayers:
+        # one layer per table, where separate tables would be, so files
+        # keep one layout whether tables are stacked or not.
         self.tables = [layer for _, layer in tables.values()]
-        self._table_index = {c.name: i for i, c in
-                             enumerate(self.table_configs)}
+        # Stacked ALPT tables: one ALPTEmbeddingGroup per compatible set;
+        # their `ALPTEmbedding`s above stay as views (no variables) that
+        # save and load each table's rows.
+        alpt = [layer for layer in self.tables
+                if isinstance(layer, ALPTEmbedding)]
+        members = [m for m in stack(alpt) if len(m) > 1] \
+            if self.stack_tables else []
+        self.groups = [
+            ALPTEmbeddingGroup.stack_members(
+                m, name=f"{self.name}_group_{i}",
+                features={f.name: f.table.name for f in self.features
+                          if f.table.name in {layer.name for layer in m}})
+            for i, m in enumerate(members)]
+        self._index = {c.name: i for i, c in enumerate(self.table_configs)}
 
     def table_for(self, feature_name):
-        """The table layer of `feature_name`."""
+        """The table layer of `feature_name` (for a stacked table, its
+        `ALPTEmbedding` view: `.stacked_in` is the group)."""
+        return self.tables[self._index[self._feature(feature_name)
+                                       .table.name]]
+
+    def _feature(self, feature_name):
         for feature in self.features:
             if feature.name == feature_name:
-                return self.tables[self._table_index[feature.table.name]]
+                return feature
         raise KeyError(f"Unknown feature {feature_name!r}")
 
     def build(self, input_shape=None):
-        for layer in self.tables:
+        for layer in list(self.groups) + list(self.tables):
             if not layer.built:
                 layer.build((None,))
         self.built = True
@@ -88,28 +121,42 @@ class FeatureEmbedding(keras.layers.Layer):
                 f"Missing features {missing}. "
                 f"Received feature keys: {sorted(inputs)}"
             )
-        columns = []
+        # The ids each feature looks up: [B] one-hot, or the flat values of
+        # its bags. -1 is padding wherever it stands; other negative ids
+        # still reach the table, which rejects them.
+        flat_ids, bags = {}, {}
         for feature in self.features:
-            table = self.tables[self._table_index[feature.table.name]]
             ids = inputs[feature.name]
             if feature.max_ids is None:
-                columns.append(self._lookup(table, tf.reshape(ids, [-1]),
-                                            training))  # (B, D)
+                flat_ids[feature.name] = tf.reshape(ids, [-1])
+            else:
+                bag = tf.ragged.boolean_mask(ids, tf.not_equal(ids, -1))
+                bags[feature.name] = bag
+                flat_ids[feature.name] = bag.flat_values
+        rows = {}
+        for group in self.groups:
+            rows.update(group({f: flat_ids[f] for f in group.features},
+                              training=training))
+        for feature in self.features:
+            if feature.name in rows:
                 continue
-            # -1 is padding wherever it stands; other negative ids still
-            # reach the table, which rejects them.
-            bags = tf.ragged.boolean_mask(ids, tf.not_equal(ids, -1))
-            rows = self._lookup(table, bags.flat_values, training)
-            sums = tf.reduce_sum(bags.with_flat_values(rows), axis=1)
-            counts = bags.row_lengths()[:, None]
+            layer = self.tables[self._index[feature.table.name]]
+            if isinstance(layer, ALPTEmbedding):
+                rows[feature.name] = layer(flat_ids[feature.name],
+                                           training=training)
+            else:
+                rows[feature.name] = layer(flat_ids[feature.name])
+        columns = []
+        for feature in self.features:
+            if feature.max_ids is None:
+                columns.append(rows[feature.name])  # (B, D)
+                continue
+            bag = bags[feature.name]
+            sums = tf.reduce_sum(bag.with_flat_values(rows[feature.name]),
+                                 axis=1)
+            counts = bag.row_lengths()[:, None]
             columns.append(combine(sums, counts, feature.combiner))  # (B, D)
         return tf.stack(columns, axis=1)  # (B, F, D)
-
-    @staticmethod
-    def _lookup(table, ids, training):
-        if isinstance(table, ALPTEmbedding):
-            return table(ids, training=training)
-        return table(ids)
 
     def compute_output_shape(self, input_shape):
         return (None, len(self.features), self.embedding_dim)
@@ -117,4 +164,5 @@ class FeatureEmbedding(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config["features"] = [f.get_config() for f in self.features]
+        config["stack_tables"] = self.stack_tables
         return config

@@ -25,19 +25,30 @@ from alpt_keras.update.rules import (
     rules_markdown,
 )
 from alpt_keras.update.step import (
+    RowLocation,
     RowUpdate,
     StepSizeUpdate,
     TableStep,
+    locate,
     requantize,
+    rounding_noise,
+    row_step_sizes,
     row_update,
     step_size_update,
     table_step,
 )
-from alpt_keras.update.table_spec import SUPPORTED_STEP_SIZE_MODES, TableSpec
+from alpt_keras.update.table_spec import (
+    SUPPORTED_STEP_SIZE_MODES,
+    GroupSpec,
+    TableSpec,
+    as_group,
+)
 
 __all__ = [
+    "GroupSpec",
     "Hyperparameters",
     "Increment",
+    "RowLocation",
     "RowUpdate",
     "STEP_SIZE_RULES",
     "SUPPORTED_STEP_SIZE_MODES",
@@ -51,7 +62,11 @@ __all__ = [
     "UpdateConfig",
     "get_step_size_rule",
     "get_table_rule",
+    "as_group",
+    "locate",
     "requantize",
+    "rounding_noise",
+    "row_step_sizes",
     "row_update",
     "rules_markdown",
     "step_size_update",

@@ -7,6 +7,7 @@ from alpt_keras.update.rules import (
     get_step_size_rule,
     get_table_rule,
 )
+from alpt_keras.update.table_spec import as_group
 from alpt_keras.validation import check_float
 
 
@@ -97,10 +98,11 @@ class UpdateConfig:
                                self.step_size_epsilon)
 
     def state_bytes(self, spec):
-        """Bytes of optimizer state for a table of `TableSpec` `spec`."""
+        """Bytes of optimizer state for a table of `TableSpec` (or a
+        group of `GroupSpec`) `spec`."""
         rows = spec.input_dim * self.table_rule.bytes_per_row(
             spec.output_dim)
         if not spec.learn_step_size:
             return rows
-        step_sizes = spec.input_dim if spec.per_row else 1
+        step_sizes = as_group(spec).num_step_sizes
         return rows + step_sizes * self.step_size_rule.bytes_per_step_size()

@@ -99,12 +99,14 @@ class TableRule:
 class StepSizeRule:
     """A step-size rule: learns Δ from its LSQ gradient.
 
-    `update(step_size, step_grad, state, hyper, t, grads, per_row) ->
+    `update(step_size, step_grad, state, hyper, t, grads, table_mean) ->
     (new_step_size, new_state)` with `step_size` and `step_grad` float32
-    `[U, 1]` (per-row Δ) or `[1, 1]` (per-table Δ), `grads` the rows'
-    gradients `[U, D]` (the rule may use them, as `"rowwise"` does),
-    `per_row` a Python bool. The result is not yet clipped to
-    `min_step_size`.
+    `[U, 1]` (per-row Δ) or `[T, 1]` (per-table Δ, one per logical table
+    of a group), `grads` the rows' gradients `[U, D]` (the rule may use
+    them, as `"rowwise"` does). `table_mean` is `None` for per-row Δ;
+    for per-table Δ it maps per-row values `[U, 1]` to the mean over each
+    table's rows `[T, 1]` (0 for a table no row touched). The result is
+    not yet clipped to `min_step_size`.
 
     `default_learning_rate` maps the step-size mode (`"row"`, `"table"`)
     to a learning rate, or is `None` when the rule has no sensible default
@@ -185,29 +187,29 @@ TABLE_RULES = {
 
 
 # -------------------------------------------------------- step-size rules
-def _step_sgd(step_size, step_grad, state, hyper, t, grads, per_row):
-    del state, t, grads, per_row
+def _step_sgd(step_size, step_grad, state, hyper, t, grads, table_mean):
+    del state, t, grads, table_mean
     return step_size - hyper.learning_rate * step_grad, {}
 
 
-def _step_rowwise(step_size, step_grad, state, hyper, t, grads, per_row):
+def _step_rowwise(step_size, step_grad, state, hyper, t, grads, table_mean):
     """Δ scaled by its rows' gradient RMS (Adagrad-style), not by Δ's own
     gradient: continuous in g, so quantization noise in the LSQ gradient
     does not become full-size sign steps; `lr` is a fraction of Δ."""
     del t
-    square = tf.square(grads)  # (U, D)
-    if per_row:
-        mean_square = tf.reduce_mean(square, axis=-1, keepdims=True)
-    else:
-        mean_square = tf.reshape(tf.reduce_mean(square), [1, 1])
+    mean_square = tf.reduce_mean(tf.square(grads), axis=-1,
+                                 keepdims=True)  # (U, 1)
+    if table_mean is not None:  # per-table Δ: the mean over its rows
+        mean_square = table_mean(mean_square)  # (T, 1)
     accumulator = state["step_size_accumulator"] + mean_square
     direction = step_grad / (tf.sqrt(accumulator) + hyper.epsilon)
     return step_size * (1.0 - hyper.learning_rate * direction), {
         "step_size_accumulator": Increment(accumulator, mean_square)}
 
 
-def _step_adagrad(step_size, step_grad, state, hyper, t, grads, per_row):
-    del t, grads, per_row
+def _step_adagrad(step_size, step_grad, state, hyper, t, grads,
+                  table_mean):
+    del t, grads, table_mean
     accumulator = state["step_size_accumulator"] + tf.square(step_grad)
     direction = step_grad / (tf.sqrt(accumulator) + hyper.epsilon)
     return step_size - hyper.learning_rate * direction, {
@@ -215,8 +217,8 @@ def _step_adagrad(step_size, step_grad, state, hyper, t, grads, per_row):
                                            tf.square(step_grad))}
 
 
-def _step_adam(step_size, step_grad, state, hyper, t, grads, per_row):
-    del grads, per_row
+def _step_adam(step_size, step_grad, state, hyper, t, grads, table_mean):
+    del grads, table_mean
     m, v = adam_moments(state["step_size_m"], state["step_size_v"],
                         step_grad, hyper)
     direction = adam_direction(m, v, t, hyper)

@@ -26,9 +26,9 @@ Reduction order (the float contract a native kernel must follow):
   `((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`; the result
   `s + lanes`, and a mean divides that by `D`. `tests/core/test_update.py`
   checks this order against TensorFlow for D = 1 … 70.
-- Per-table Δ (one Δ for all rows): the sum over the touched rows and the
-  mean over all their entries are TensorFlow full reductions, whose order
-  depends on the thread pool; a native kernel leaves them to this path.
+- Per-table Δ (one Δ per logical table): the sum over a table's touched
+  rows (LSQ) and the mean of their row means (`"rowwise"`) are
+  `unsorted_segment_sum`s over the tables, in row order (CPU).
 """
 
 from typing import NamedTuple
@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from alpt_keras import quantizers
 from alpt_keras.update.rules import Increment
+from alpt_keras.update.table_spec import as_group
 
 
 class RowUpdate(NamedTuple):
@@ -113,61 +114,162 @@ def _keep(flag, new, old):
     return tf.where(flag, new, old)
 
 
+class RowLocation(NamedTuple):
+    """Where global rows of a group lie (`locate`).
+
+    Attributes:
+        table_index: int32 `[U]`, each row's logical table, or `None` in a
+            group of one (every row is table 0's).
+        local_ids: int64 `[U]`, each row's id inside its logical table.
+    """
+
+    table_index: object
+    local_ids: tf.Tensor
+
+
+def locate(group, ids):
+    """The logical table and local id of each global row `ids` `[U]` of
+    `group` (a `GroupSpec`, or a `TableSpec`: a group of one)."""
+    group = as_group(group)
+    if group.num_tables == 1:
+        return RowLocation(None, ids)
+    starts = tf.constant(group.offsets[1:-1], tf.int64)
+    index = tf.searchsorted(starts, ids, side="right", out_type=tf.int32)
+    local = ids - tf.gather(tf.constant(group.offsets[:-1], tf.int64), index)
+    return RowLocation(index, local)
+
+
+def row_step_sizes(step_size, group, location):
+    """Δ of each row: `step_size` itself for per-row Δ (`[U, 1]`) and for
+    a per-table Δ in a group of one (`[1, 1]`, broadcast); a per-table Δ
+    `[T, 1]` of a group is gathered by each row's table."""
+    group = as_group(group)
+    if group.per_row or location.table_index is None:
+        return step_size
+    return tf.gather(step_size, location.table_index)
+
+
+def _table_segments(location, num_rows):
+    """Each row's table index, as segment ids (all 0 in a group of one)."""
+    if location.table_index is None:
+        return tf.zeros([num_rows], tf.int32)
+    return location.table_index
+
+
 def step_size_update(new_weights, step_size, grads, state, step, ids,
-                     table, rule, hyper, update_step_size=None):
+                     table, rule, hyper, update_step_size=None,
+                     location=None):
     """Steps 3 and 4: learns Δ, then requantizes the rows.
 
     Args:
         new_weights: float32 `[U, D]`, `w'` from `row_update`.
-        step_size: float32 `[U, 1]` or `[1, 1]`, the current Δ.
+        step_size: float32, the current Δ: `[U, 1]` (per row) or `[T, 1]`
+            (per table: one per logical table of the group).
         grads: float32 `[U, D]`: `g` (one pass) or the second pass's `ĝ`.
         state: dict step-size slot name -> current value.
         step: int64 scalar, the table step (0-based): Adam's `t` and the
             rounding noise's counter.
-        ids: int64 `[U]`, the rows' ids (the rounding noise's key).
-        table: `TableSpec` (bits, Δ mode, rounding, seed, salt, ...).
+        ids: int64 `[U]`, the rows' (global) ids.
+        table: `TableSpec`, or `GroupSpec` for stacked tables.
         rule: `StepSizeRule`, or `None` when `table` does not learn Δ.
         hyper: `Hyperparameters` of `rule`.
         update_step_size: optional bool scalar tensor; where `False`, Δ and
             its state stay as they were and the codes are requantized
             with the old Δ (a second pass with non-finite gradients).
+        location: `RowLocation` of `ids` (computed when `None`).
 
     Returns:
         `StepSizeUpdate`.
+
+    A per-table Δ sums its rows' LSQ gradients with
+    `unsorted_segment_sum` over the tables (input order on CPU), each
+    with its own `γ = 1/sqrt(V_t·D·Q_P)`; a table no row touched gets a
+    zero gradient.
     """
+    group = as_group(table)
+    location = locate(group, ids) if location is None else location
+    rows_step_size = row_step_sizes(step_size, group, location)
     new_step_size, new_state = step_size, {}
-    if table.learn_step_size:
-        step_grad = quantizers.lsq_step_size_gradient(
-            new_weights, step_size, grads, table.num_bits,
-            table.num_shared)  # (U, 1)
-        if not table.per_row:
-            step_grad = tf.reduce_sum(step_grad, axis=0, keepdims=True)
+    if group.learn_step_size:
+        table_mean = None
+        if group.per_row:
+            step_grad = quantizers.lsq_step_size_gradient(
+                new_weights, step_size, grads, group.num_bits,
+                group.output_dim)  # (U, 1)
+        else:
+            scales = [quantizers.lsq_gradient_scale(t.num_shared,
+                                                    group.num_bits)
+                      for t in group.tables]
+            if location.table_index is None:
+                scale = scales[0]
+            else:
+                scale = tf.gather(tf.constant(scales, tf.float32),
+                                  location.table_index)[:, None]
+            factor = quantizers.lsq_ste_factor(new_weights, rows_step_size,
+                                               group.num_bits)
+            row_grads = scale * tf.reduce_sum(grads * factor, axis=-1,
+                                              keepdims=True)  # (U, 1)
+            segments = _table_segments(location, tf.shape(ids)[0])
+            num_tables = group.num_tables
+            step_grad = tf.math.unsorted_segment_sum(
+                row_grads, segments, num_tables)  # (T, 1)
+            counts = tf.math.unsorted_segment_sum(
+                tf.ones_like(row_grads), segments, num_tables)
+
+            def table_mean(values):
+                sums = tf.math.unsorted_segment_sum(values, segments,
+                                                    num_tables)
+                return sums / tf.maximum(counts, 1.0)
+
         new_step_size, new_state = rule.update(
             step_size, step_grad, state, hyper, _step_number(step), grads,
-            table.per_row)
-        new_step_size = tf.maximum(new_step_size, table.min_step_size)
+            table_mean)
+        new_step_size = tf.maximum(new_step_size, group.min_step_size)
         if update_step_size is not None:
             new_step_size = tf.where(update_step_size, new_step_size,
                                      step_size)
             new_state = {name: _keep(update_step_size, value, state[name])
                          for name, value in new_state.items()}
-    codes = requantize(new_weights, new_step_size, ids, step, table)
+    codes = requantize(new_weights,
+                       row_step_sizes(new_step_size, group, location),
+                       ids, step, group, location=location)
     return StepSizeUpdate(new_step_size, new_state, codes)
 
 
-def requantize(weights, step_size, ids, step, table, rounding=None):
+def rounding_noise(group, step, location, num_columns):
+    """Uniform noise `[U, D]` of rows at `location`, keyed by each row's
+    logical table `(seed, salt)`, `step` and *local* id: the same noise
+    the table would draw on its own."""
+    group = as_group(group)
+    if location.table_index is None:
+        spec = group.tables[0]
+        return quantizers.hash_uniform(spec.seed, spec.salt, step,
+                                       location.local_ids, num_columns)
+    keys = quantizers.hash_key(
+        tf.constant([t.seed for t in group.tables], tf.int64),
+        tf.constant([t.salt for t in group.tables], tf.int64), step)  # (T,)
+    return quantizers.hash_uniform_keyed(
+        tf.gather(keys, location.table_index), location.local_ids,
+        num_columns)
+
+
+def requantize(weights, step_size, ids, step, table, rounding=None,
+               location=None):
     """Codes `clip(R(w / Δ), -Q_N, Q_P)` as int32 `[U, D]`.
 
+    `step_size` is each row's Δ (`[U, 1]`, or `[1, 1]` broadcast).
     Stochastic rounding draws its noise from the hash of
-    `(table.seed, table.salt, step, id, column)`. `rounding` overrides the
-    table's (the two-pass step writes `Q_D(w'; Δ)` between its passes).
+    `(seed, salt, step, local id, column)` of each row's logical table.
+    `rounding` overrides the table's (the two-pass step writes
+    `Q_D(w'; Δ)` between its passes).
     """
-    rounding = table.rounding if rounding is None else rounding
+    group = as_group(table)
+    rounding = group.rounding if rounding is None else rounding
     noise = None
     if rounding == "stochastic":
-        noise = quantizers.hash_uniform(table.seed, table.salt, step, ids,
-                                        table.output_dim)
-    return quantizers.quantize(weights, step_size, table.num_bits, rounding,
+        location = locate(group, ids) if location is None else location
+        noise = rounding_noise(group, step, location, group.output_dim)
+    return quantizers.quantize(weights, step_size, group.num_bits, rounding,
                                noise)
 
 
@@ -180,7 +282,8 @@ def table_step(codes, step_size, grads, state, step_size_state, step, ids,
         codes, step_size, grads, state, step: as `row_update`.
         step_size_state: dict, the step-size rule's state.
         ids: int64 `[U]`, the touched rows' ids.
-        table: `TableSpec`.
+        table: `TableSpec`, or `GroupSpec` (then `step_size` is `[T, 1]`
+            for per-table Δ).
         table_rule, table_hyper: the table optimizer and its constants.
         step_size_rule, step_size_hyper: the step-size rule and its
             constants (unused when the table does not learn Δ).
@@ -209,10 +312,11 @@ def table_step(codes, step_size, grads, state, step_size_state, step, ids,
     >>> float(out.state["accumulator"].increment[0, 0])
     0.125
     """
-    rows = row_update(codes, step_size, grads, state, step, table_rule,
-                      table_hyper)
+    location = locate(table, ids)
+    rows = row_update(codes, row_step_sizes(step_size, table, location),
+                      grads, state, step, table_rule, table_hyper)
     second = step_size_update(
         rows.new_weights, step_size, grads, step_size_state, step, ids,
-        table, step_size_rule, step_size_hyper)
+        table, step_size_rule, step_size_hyper, location=location)
     return TableStep(rows.new_weights, second.step_size,
                      {**rows.state, **second.state}, second.codes)

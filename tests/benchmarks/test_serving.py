@@ -11,7 +11,8 @@ def test_serving_benchmark_tiny(tmp_path):
     stdout, report = run_tiny("serving.py", tmp_path / "serving.json")
     assert "b1 p50 ms" in stdout
     rows = {(r["layout"], r["variant"]): r for r in report["results"]}
-    assert len(rows) == 6
+    # 3 variants x 2 layouts, and the criteo-like tables unstacked.
+    assert len(rows) == 7
     for (layout, _variant), r in rows.items():
         ref = rows[(layout, "float32")]
         assert r["export_ratio"] == pytest.approx(
@@ -25,3 +26,5 @@ def test_serving_benchmark_tiny(tmp_path):
             20 / 64)
         assert rows[(layout, "alpt4_packed")]["table_ratio"] == \
             pytest.approx(12 / 64)
+    assert rows[("criteo_like", "alpt8_unstacked")]["table_ratio"] == \
+        pytest.approx(20 / 64)

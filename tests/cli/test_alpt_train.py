@@ -185,3 +185,34 @@ def test_real_dataset_paths(tmp_path, dataset):
                   encoding="utf-8") as f:
             vocabulary = json.load(f)
         assert len(vocabulary["fields"]) == 39
+
+
+@pytest.mark.slow
+def test_stacked_and_separate_tables_report_the_same_digests(tmp_path):
+    reports = {}
+    for flag in ("--stack-tables", "--no-stack-tables"):
+        out = str(tmp_path / flag)
+        _run(SMALL + ["--epochs", "1", "--output-dir", out, flag])
+        reports[flag] = _report(out)
+    stacked, separate = reports["--stack-tables"], reports["--no-stack-tables"]
+    assert len(stacked["table_digests"]) == 4  # per logical table
+    assert stacked["table_digests"] == separate["table_digests"]
+    assert stacked["metrics"] == separate["metrics"]
+
+
+def test_a_backup_of_the_other_table_layout_is_refused(tmp_path):
+    from alpt_keras.cli.train import LAYOUT_FILE, check_backup_layout
+
+    backup = str(tmp_path / "backup")
+    check_backup_layout(backup, True)  # a new backup records its layout
+    with open(os.path.join(backup, LAYOUT_FILE), encoding="utf-8") as f:
+        assert json.load(f) == {"stack_tables": True}
+    check_backup_layout(backup, False)  # nothing to resume yet: fine
+    open(os.path.join(backup, "training_metadata.json"), "w").close()
+    check_backup_layout(backup, False)  # the layout of the marker
+    with pytest.raises(SystemExit, match="--no-stack-tables to resume"):
+        check_backup_layout(backup, True)
+    os.remove(os.path.join(backup, LAYOUT_FILE))  # a backup from before
+    with pytest.raises(SystemExit, match="separate ALPT tables"):
+        check_backup_layout(backup, True)
+    check_backup_layout(backup, False)

@@ -37,9 +37,15 @@ def _codes(model_path):
     from alpt_keras._keras import keras
 
     model = keras.models.load_model(model_path, compile=False)
-    return {t.name: (t.unpacked_codes().numpy().astype(int),
-                     np.array(t.step_sizes.numpy()))
-            for t in model.get_layer("embedding").tables}
+    layer = model.get_layer("embedding")
+    out = {}
+    for table in layer.tables:  # stacked: the group holds the rows
+        group = table.stacked_in
+        steps = table.step_sizes if group is None else \
+            group.table_step_sizes(table.name)
+        out[table.name] = (table.unpacked_codes().numpy().astype(int),
+                           np.array(steps))
+    return out
 
 
 @pytest.mark.slow

@@ -204,12 +204,14 @@ def test_alpt_train_on_a_parameter_server_cluster(tmp_path):
     report = read_report(out)
     assert report["cluster"]["kind"] == "parameter_server"
     assert report["config"]["storage"] == "int8"  # auto: no collectives
-    # Every row-indexed variable of every table (codes, Δ, row-wise
-    # accumulator, Δ accumulator) is split in halves over ps:0 and ps:1.
+    # The 4 tables are stacked in one group of 4 x 300 rows; every
+    # row-indexed variable of the group (codes, Δ, row-wise accumulator, Δ
+    # accumulator) is split in halves over ps:0 and ps:1 at the same row.
     layout = report["shards"]
-    assert len(layout) == 4 * 4, sorted(layout)
+    assert len(layout) == 4, sorted(layout)
+    assert len(report["table_digests"]) == 4  # per logical table
     for name, shards in layout.items():
-        assert [rows for _, rows in shards] == [150, 150], name
+        assert [rows for _, rows in shards] == [600, 600], name
         devices = [d.split("/") for d, _ in shards]
         assert [d[1] for d in devices] == ["job:ps", "job:ps"], shards
         assert {d[3] for d in devices} == {"task:0", "task:1"}, shards

@@ -10,7 +10,14 @@ import pytest
 import tensorflow as tf
 
 import alpt_keras
-from alpt_keras import _keras, callbacks, embedding, optimizer, quantizers
+from alpt_keras import (
+    _keras,
+    callbacks,
+    embedding,
+    group,
+    optimizer,
+    quantizers,
+)
 from alpt_keras.models import criteo, feature_embedding, layers, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
@@ -27,8 +34,8 @@ BLOCKS = _readme_blocks()
 
 
 def test_readme_has_the_expected_examples():
-    # Keras 3, TFRS, models, Mirrored, two-pass, export
-    assert len(BLOCKS) == 6
+    # Keras 3, TFRS, models, group in TFRS, Mirrored, two-pass, export
+    assert len(BLOCKS) == 7
 
 
 @pytest.mark.slow
@@ -51,6 +58,8 @@ def test_readme_block_runs(index, tmp_path):
         assert "int8" in proc.stdout
     if "tfrs" in code:
         assert "'auc'" in proc.stdout
+    if "ALPTEmbeddingGroup" in code:
+        assert "(0, 1000, 1500, 1550)" in proc.stdout
     if "two_pass(model)" in code:
         assert proc.stdout.strip().splitlines()[-1] == "True"
     if "export_for_serving" in code:
@@ -58,7 +67,7 @@ def test_readme_block_runs(index, tmp_path):
 
 
 @pytest.mark.parametrize("module",
-                         [quantizers, embedding, optimizer, callbacks,
+                         [quantizers, embedding, group, optimizer, callbacks,
                           feature_embedding, layers, criteo, metrics])
 def test_docstring_examples(module):
     result = doctest.testmod(

@@ -1,5 +1,6 @@
 """Exports load and serve the way TF Serving does, with low-bit tables."""
 
+import json
 import os
 import subprocess
 import sys
@@ -23,18 +24,23 @@ from alpt_keras.models import (
 HERE = os.path.dirname(__file__)
 # Every op our exports use, all shipped by TensorFlow Serving 2.11 (and
 # later). An op outside this set would make older servers refuse the model.
+# Groups of stacked tables add ArgMax, StringFormat (their id check's
+# error message), Size and SplitV (one lookup split back per feature): core
+# ops since TF 1.x (StringFormat: 1.12).
 ALLOWED_OPS = frozenset({
-    "AddV2", "All", "Any", "Assert", "AssignVariableOp", "BatchMatMulV2",
-    "BiasAdd", "BitwiseAnd", "BroadcastTo", "Cast", "ConcatV2", "Const",
+    "AddV2", "All", "Any", "ArgMax", "Assert", "AssignVariableOp",
+    "BatchMatMulV2", "BiasAdd", "BitwiseAnd", "BroadcastTo", "Cast",
+    "ConcatV2", "Const",
     "Cumsum", "EnsureShape", "ExpandDims", "GatherNd", "GatherV2",
     "GreaterEqual", "Identity", "If", "Less", "LogicalNot", "LogicalOr",
     "MatMul", "MatrixBandPart", "Max", "Maximum", "MergeV2Checkpoints", "Mul",
     "NoOp", "NotEqual", "OnesLike", "Pack", "Placeholder", "Prod", "Range",
     "ReadVariableOp", "RealDiv", "Relu", "Reshape", "ResourceGather",
     "RestoreV2", "RightShift", "Rsqrt", "SaveV2", "Select", "SelectV2",
-    "Shape", "ShardedFilename", "Sigmoid", "Square", "Squeeze",
+    "Shape", "ShardedFilename", "Sigmoid", "Size", "SplitV", "Square",
+    "Squeeze",
     "StatefulPartitionedCall", "StaticRegexFullMatch", "StridedSlice",
-    "StringJoin", "Sub", "Sum", "Tile", "Transpose", "Unpack",
+    "StringFormat", "StringJoin", "Sub", "Sum", "Tile", "Transpose", "Unpack",
     "UnsortedSegmentSum", "VarHandleOp", "Where",
 })
 
@@ -122,8 +128,9 @@ def test_export_holds_integer_codes_and_nothing_else(tmp_path):
     version_dir = export_for_serving(model, str(tmp_path), "ctr")
     report = export_size_report(version_dir)["variables"]
     codes = {k: v for k, v in report.items() if ".codes" in k}
-    # user, item, genre and their 1-wide linear tables.
-    assert len(codes) == 6
+    # user, item and genre stacked in one group; their 1-wide linear tables
+    # (per-table Δ) in another.
+    assert len(codes) == 2
     assert {v["dtype"] for v in codes.values()} == {"int8"}
     names = " ".join(report)
     for unwanted in ("carrier", "accumulator", "optimizer", "iteration"):
@@ -148,7 +155,53 @@ def test_out_of_range_ids_fail_the_request(tmp_path):
     x = _inputs(4)
     x["user"][2] = 100  # one past the table
     served = _serve(version_dir, x, tmp_path)
-    assert "ids must be in [0, input_dim=100)" in str(served["_error"])
+    # The stacked group's check names the feature and its own table.
+    assert 'feature "user" (table "user", input_dim=100)' in \
+        str(served["_error"]).replace("\\", ""), served["_error"]
+
+
+def _gathers(version_dir):
+    """ResourceGather nodes (row lookups in a variable) of an export's
+    serving function."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(version_dir, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    graph = proto.meta_graphs[0].graph_def
+    # The serving function's body is stored more than once (the signature
+    # and the traced call): count within one function.
+    return max(sum(n.op == "ResourceGather" for n in f.node_def)
+               for f in graph.library.function)
+
+
+def test_one_gather_per_group_in_the_served_graph(tmp_path):
+    counts, sizes, metas = {}, {}, {}
+    for stack_tables in (True, False):
+        model = build_ctr_model(_features(), model="deepfm",
+                                hidden_units=(8,), stack_tables=stack_tables)
+        version_dir = export_for_serving(
+            model, str(tmp_path / str(stack_tables)), "ctr")
+        counts[stack_tables] = _gathers(version_dir)
+        sizes[stack_tables] = export_size_report(version_dir)["tables"]
+        with open(os.path.join(version_dir, "assets.extra",
+                               "alpt_tables.json")) as f:
+            metas[stack_tables] = json.load(f)
+    # Stacked: the embedding group gathers codes and per-row Δ; the linear
+    # group (per-table Δ) gathers its codes only. Separate: three tables x
+    # 2 and three linear tables x 1.
+    assert counts == {True: 3, False: 9}, counts
+    # The same bytes per logical table, under the same names.
+    assert {k: v["bytes"] for k, v in sizes[True].items()} == \
+        {k: v["bytes"] for k, v in sizes[False].items()}, sizes
+    group = metas[True]["embedding.embedding_group_0"]
+    assert group["input_dim"] == 170
+    assert group["tables"] == {
+        "user": {"input_dim": 100, "row_offset": 0},
+        "item": {"input_dim": 50, "row_offset": 100},
+        "genre": {"input_dim": 20, "row_offset": 150}}
+    assert metas[False]["embedding.user"]["tables"] == {
+        "user": {"input_dim": 100, "row_offset": 0}}
 
 
 def test_versions_are_atomic_and_checked(tmp_path, monkeypatch):
@@ -208,7 +261,8 @@ def test_packed_tables_serve_and_stay_packed(tmp_path):
     report = export_size_report(version_dir)
     codes = {k: v for k, v in report["variables"].items()
              if k.endswith(".codes")}
-    assert len(codes) == 6  # three tables and DeepFM's three linear ones
+    # One group of three tables, one of DeepFM's three linear ones.
+    assert len(codes) == 2
     # 8-wide (and 1-wide linear) 4-bit rows: one int32 word per row.
     assert all(v["dtype"] == "int32" and v["shape"][1] == 1
                for v in codes.values()), codes

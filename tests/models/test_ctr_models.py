@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import alpt_keras
 from alpt_keras import IS_KERAS_3, ALPTOptimizer
 from alpt_keras._keras import keras
 from alpt_keras.models.ctr_models import SUPPORTED_MODELS, build_ctr_model
@@ -51,9 +52,10 @@ def test_model_trains_and_round_trips(model_name, kind, data, tmp_path):
     _, auc = model.evaluate(x_test, y_test, batch_size=1024, verbose=0)
     # The hidden click model scores ~0.86 here; chance is 0.5.
     assert auc > 0.7, auc
-    table = model.get_layer("embedding").tables[0]
     if kind != "float32":
+        (table,) = alpt_keras.tables(model.get_layer("embedding"))
         assert tf.as_dtype(table.codes.dtype) == tf.int8
+        assert table.spec.num_tables == len(NAMES)  # stacked by default
     path = str(tmp_path / f"{model_name}.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
