@@ -253,11 +253,10 @@ class ALPTEmbeddingGroup(PhysicalTable):
         feature_tables = [self._feature_table[f] for f, _ in items]
         sizes = tf.stack(sizes)
         table_index = tf.repeat(tf.constant(feature_tables, tf.int32), sizes)
-        feature_index = tf.repeat(tf.range(len(items)), sizes)
         ids = self._checked_global_ids(tf.concat(
             [self._as_int64(f, flat) for (f, _), flat in
              zip(items, flats, strict=True)], axis=0), table_index,
-            feature_index, [f for f, _ in items])
+            sizes, [f for f, _ in items])
         rows = self._lookup(ids, training, table_index)  # (N, D)
         outputs = []
         for (feature, _), ids_in, part in zip(
@@ -278,7 +277,7 @@ class ALPTEmbeddingGroup(PhysicalTable):
             f"ALPTEmbeddingGroup '{self.name}' needs integer ids. Received: "
             f"ids of dtype {flat.dtype.name} for feature {feature!r}")
 
-    def _checked_global_ids(self, local, table_index, feature_index,
+    def _checked_global_ids(self, local, table_index, sizes,
                             feature_names):
         """Global ids of `local` ids `[N]`: each checked against its own
         table's `input_dim` (one comparison for the group), then offset.
@@ -291,6 +290,7 @@ class ALPTEmbeddingGroup(PhysicalTable):
         def fail():
             bad = tf.logical_not(in_range)
             first = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int32)
+            feature_index = tf.repeat(tf.range(len(feature_names)), sizes)
             table = tf.gather(table_index, first)
             message = tf.strings.format(
                 f"ALPTEmbeddingGroup '{self.name}': ids must be in "

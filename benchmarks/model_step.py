@@ -146,6 +146,8 @@ def measure(names, rows, dim, fields, batch, steps, warmup, rounds,
             model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0,
                       callbacks=[callback])
             times[name].extend(callback.times)
+    if layout == "criteo_like":  # rows of different tables differ
+        ids = ids + np.cumsum([0] + list(sizes[:-1]))
     unique = int(np.mean([len(np.unique(ids[i:i + batch]))
                           for i in range(0, len(ids), batch)]))
     results = []
