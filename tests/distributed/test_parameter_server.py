@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import alpt_keras
 from alpt_keras import (
     IS_KERAS_3,
     ALPTEmbedding,
@@ -294,3 +295,66 @@ def test_keras3_custom_loop_recipe(resolver, data):
           f"parameter servers {float(auc.result()):.4f}")
     assert float_auc >= FLOAT32_AUC_FLOOR, float_auc
     assert float(auc.result()) >= float_auc - 0.03, (auc.result(), float_auc)
+
+
+def _group_model():
+    """Three tables (101 + 150 + 50 = 301 rows) stacked in one group."""
+    from alpt_keras.models.ctr_models import build_ctr_model
+    from alpt_keras.models.features import simple_features
+
+    tf.keras.utils.set_random_seed(0)
+    features = simple_features({"a": 101, "b": 150, "c": 50},
+                               embedding_dim=8)
+    model = build_ctr_model(features, model="dnn", hidden_units=(8,))
+    return model, _compile(model, "alpt")
+
+
+@pytest.mark.slow
+@tf_keras_only
+def test_a_sharded_group_restores_onto_one_and_three_shards(resolver,
+                                                            tmp_path):
+    rng = np.random.default_rng(0)
+    x = {"a": rng.integers(0, 101, 2048), "b": rng.integers(0, 150, 2048),
+         "c": rng.integers(0, 50, 2048)}
+    y = (x["a"] % 2).astype(np.float32)[:, None]
+    strategy = tf.distribute.ParameterServerStrategy(
+        resolver, variable_partitioner=RowPartitioner(2))
+    with strategy.scope():
+        model, optimizer = _group_model()
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(256)
+    model.fit(dataset, epochs=1, steps_per_epoch=8, verbose=0)
+    (table,) = alpt_keras.tables(model)
+    assert table.spec.offsets == (0, 101, 251, 301)
+    # The group's row-indexed variables share the shard boundaries.
+    slots = optimizer.table_slots(table)
+    for variable in [table.codes, table.step_sizes, *slots.values()]:
+        assert [s.shape[0] for s in variable.variables] == [151, 150]
+    want = {name: (np.asarray(codes), np.asarray(steps))
+            for spec, codes, steps in table.logical_values()
+            for name in [spec.name]}
+    want_slots = {k: _full(v) for k, v in slots.items()}
+    assert int(optimizer.table_iterations.numpy()) == 8
+    path = tf.train.Checkpoint(model=model, optimizer=optimizer).save(
+        str(tmp_path / "ckpt"))
+
+    # Restore onto one local copy (no strategy) and onto 3 shards.
+    three = tf.distribute.ParameterServerStrategy(
+        resolver, variable_partitioner=RowPartitioner(3))
+    with three.scope():
+        sharded = _group_model()
+    for (restored, restored_opt), shards in ((_group_model(), 1),
+                                             (sharded, 3)):
+        restored_opt.build(restored.trainable_variables)
+        tf.train.Checkpoint(model=restored, optimizer=restored_opt).restore(
+            path).assert_existing_objects_matched()
+        (got,) = alpt_keras.tables(restored)
+        if shards == 3:
+            assert [s.shape[0] for s in got.codes.variables] == [101, 100,
+                                                                  100]
+        for spec, codes, steps in got.logical_values():
+            np.testing.assert_array_equal(np.asarray(codes),
+                                          want[spec.name][0])
+            np.testing.assert_array_equal(np.asarray(steps),
+                                          want[spec.name][1])
+        for name, slot in restored_opt.table_slots(got).items():
+            np.testing.assert_array_equal(_full(slot), want_slots[name])
