@@ -259,3 +259,42 @@ def test_group_config_round_trips():
     assert clone.offsets == group.offsets == (0, 40, 70, 95)
     assert value(clone.codes).tobytes() == value(group.codes).tobytes()
     assert value(clone.step_sizes).shape == (3, 1)
+
+
+def _update_op_counts(layer, inputs):
+    """Op types of one traced training step of `layer` (a table or a
+    group) with `ALPTOptimizer`, counting nested functions' ops too."""
+    optimizer = ALPTOptimizer(keras.optimizers.SGD(0.1))
+
+    @tf.function
+    def train_step():
+        with tf.GradientTape() as tape:
+            out = layer(inputs, training=True)
+            loss = sum(tf.reduce_sum(v) for v in tf.nest.flatten(out))
+        variables = layer.trainable_variables
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables),
+                                      variables, strict=True))
+
+    layer(inputs)
+    optimizer.build(layer.trainable_variables)
+    graph = train_step.get_concrete_function().graph
+    types = [op.type for op in graph.get_operations()]
+    for function in graph._functions.values():  # cond branches
+        types += [node.op for node in function.definition.node_def]
+    return {t: types.count(t) for t in set(types)}
+
+
+def test_one_update_chain_per_group():
+    """A group of three tables runs the update chain of one table: one
+    dedup, one gradient segment sum, one scatter per variable."""
+    tables = _tables(CASES["rwada-row-8-int8-1p"])
+    ids = {"table_a": tf.constant([[1, 2], [3, 1]], tf.int64),
+           "table_b": tf.constant([4, 4], tf.int64),
+           "table_c": tf.constant([[0, 1, 2], [2, 3, 4]], tf.int64)}
+    group = _update_op_counts(ALPTEmbeddingGroup(tables), ids)
+    single = _update_op_counts(_tables(CASES["rwada-row-8-int8-1p"])[0],
+                               ids["table_a"])
+    for op in ("Unique", "UnsortedSegmentSum", "ResourceScatterUpdate",
+               "ResourceScatterAdd", "ResourceGather"):
+        assert group.get(op, 0) == single.get(op, 0) > 0, (
+            op, group.get(op), single.get(op))
