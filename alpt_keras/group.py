@@ -234,39 +234,54 @@ class ALPTEmbeddingGroup(PhysicalTable):
                     f"{len(self.features)} id tensors (features "
                     f"{list(self.features)}). Received: {len(inputs)}")
             items = list(zip(self.features, inputs, strict=True))
-        # Concatenated in reverse feature order: backprop delivers the
-        # gradients of a layer called several times latest call first, so
-        # a table shared by several features sums its rows' gradients in
-        # the same order as the separate `ALPTEmbedding` would.
-        items = items[::-1]
-        flats, sizes, shapes = [], [], []
-        for _, ids in items:
+        # A table shared by several features is looked up in reverse
+        # feature order: backprop delivers the gradients of a layer called
+        # several times latest call first, so its rows' gradients then sum
+        # in the order of a separate `ALPTEmbedding`. (Without shared
+        # tables, the order changes nothing: each table's ids keep theirs.)
+        order = items[::-1] if self.shares_tables else items
+        shapes = {}
+        flats = []
+        for feature, ids in order:
             if isinstance(ids, tf.SparseTensor):
                 ids = tf.RaggedTensor.from_sparse(ids)
             if not isinstance(ids, tf.RaggedTensor):
                 ids = tf.convert_to_tensor(ids)
-            shapes.append(ids)
-            flat = ids.flat_values if isinstance(ids, tf.RaggedTensor) \
-                else tf.reshape(ids, [-1])
-            flats.append(flat)
-            sizes.append(tf.size(flat, out_type=tf.int32))
-        feature_tables = [self._feature_table[f] for f, _ in items]
-        sizes = tf.stack(sizes)
-        table_index = tf.repeat(tf.constant(feature_tables, tf.int32), sizes)
-        ids = self._checked_global_ids(tf.concat(
-            [self._as_int64(f, flat) for (f, _), flat in
-             zip(items, flats, strict=True)], axis=0), table_index,
-            sizes, [f for f, _ in items])
-        rows = self._lookup(ids, training, table_index)  # (N, D)
-        outputs = []
-        for (feature, _), ids_in, part in zip(
-                items, shapes, tf.split(rows, sizes), strict=True):
+            shapes[feature] = ids
+            flats.append(ids.flat_values if isinstance(ids, tf.RaggedTensor)
+                         else tf.reshape(ids, [-1]))
+        rows, sizes = self.lookup_flat([f for f, _ in order], flats,
+                                       training)
+        outputs = {}
+        for (feature, _), part in zip(order, tf.split(rows, sizes),
+                                      strict=True):
             combiner = self._tables[self._feature_table[feature]].combiner
-            outputs.append(self._shape(ids_in, part, combiner))
-        outputs = outputs[::-1]
+            outputs[feature] = self._shape(shapes[feature], part, combiner)
         if as_dict:
-            return dict(zip(self.features, outputs, strict=True))
-        return outputs
+            return {f: outputs[f] for f in self.features}
+        return [outputs[f] for f in self.features]
+
+    @property
+    def shares_tables(self):
+        """Whether some table is looked up by several features."""
+        return len(set(self.features.values())) < len(self.features)
+
+    def lookup_flat(self, features, ids, training=None):
+        """Rows of flat ids, concatenated: `ids[i]` `[n_i]` of feature
+        `features[i]` -> (`[Σ n_i, D]`, the sizes `[n_i]`), in this order.
+        One id check, one gather, one dequantize for all of them. `call`
+        uses it; so does `models.FeatureEmbedding`, which reshapes the
+        rows of one-hot features directly. Give a shared table's features
+        latest-first (see `call`) to match separate tables bitwise."""
+        self._ensure_built()
+        feature_tables = [self._feature_table[f] for f in features]
+        sizes = tf.stack([tf.size(flat, out_type=tf.int32) for flat in ids])
+        table_index = tf.repeat(tf.constant(feature_tables, tf.int32), sizes)
+        global_ids = self._checked_global_ids(tf.concat(
+            [self._as_int64(f, flat) for f, flat in
+             zip(features, ids, strict=True)], axis=0), table_index,
+            sizes, list(features))
+        return self._lookup(global_ids, training, table_index), sizes
 
     def _as_int64(self, feature, flat):
         if flat.dtype.is_integer:

@@ -108,6 +108,11 @@ class FeatureEmbedding(keras.layers.Layer):
                 return feature
         raise KeyError(f"Unknown feature {feature_name!r}")
 
+    def _one_group_of_one_hot_features(self):
+        return (len(self.groups) == 1 and not self.groups[0].shares_tables
+                and len(self.groups[0].features) == len(self.features)
+                and all(f.max_ids is None for f in self.features))
+
     def build(self, input_shape=None):
         for layer in list(self.groups) + list(self.tables):
             if not layer.built:
@@ -133,6 +138,16 @@ class FeatureEmbedding(keras.layers.Layer):
                 bag = tf.ragged.boolean_mask(ids, tf.not_equal(ids, -1))
                 bags[feature.name] = bag
                 flat_ids[feature.name] = bag.flat_values
+        if self._one_group_of_one_hot_features():
+            # The common CTR case (every feature one-hot, one group): the
+            # group's rows come out feature-major, [F·B, D] -> [B, F, D].
+            (group,) = self.groups
+            names = [f.name for f in self.features]
+            rows, _ = group.lookup_flat(
+                names, [flat_ids[n] for n in names], training=training)
+            batch = tf.shape(flat_ids[names[0]])[0]
+            return tf.transpose(tf.reshape(
+                rows, [len(names), batch, self.embedding_dim]), [1, 0, 2])
         rows = {}
         for group in self.groups:
             rows.update(group({f: flat_ids[f] for f in group.features},
