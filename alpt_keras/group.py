@@ -284,9 +284,9 @@ class ALPTEmbeddingGroup(PhysicalTable):
         return self._lookup(global_ids, training, table_index), sizes
 
     def _as_int64(self, feature, flat):
-        if flat.dtype.is_integer:
-            return tf.cast(flat, tf.int64)
-        if flat.dtype.is_floating:
+        # Float ids are cast, as `ALPTEmbedding` does (issue 13 will refuse
+        # non-integer values in both).
+        if flat.dtype.is_integer or flat.dtype.is_floating:
             return tf.cast(flat, tf.int64)
         raise TypeError(
             f"ALPTEmbeddingGroup '{self.name}' needs integer ids. Received: "
