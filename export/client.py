@@ -22,6 +22,19 @@ class ServingError(RuntimeError):
     """A prediction request that TF Serving did not answer successfully."""
 
 
+def _error_message(body, fallback):
+    """The `"error"` of a TF Serving error reply, else its text (or
+    `fallback` when it has none)."""
+    text = body.decode("utf-8", errors="replace").strip()
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return text[:200] or fallback
+    if isinstance(payload, dict) and "error" in payload:
+        return payload["error"]
+    return text[:200] or fallback
+
+
 def _check_features(features):
     if not isinstance(features, dict) or not features:
         raise ValueError("`features` must be a non-empty dict feature name "
@@ -82,8 +95,13 @@ class GrpcPredictClient:
                 f"TF Serving rejected the request for model "
                 f"'{self.model_name}' ({code.name}): {error.details()}"
             ) from None
-        return {name: tf.make_ndarray(proto)
-                for name, proto in response.outputs.items()}
+        try:
+            return {name: tf.make_ndarray(proto)
+                    for name, proto in response.outputs.items()}
+        except (TypeError, ValueError) as error:
+            raise ServingError(
+                f"TF Serving's reply for model '{self.model_name}' holds an "
+                f"output that is not a tensor: {error}") from None
 
     def close(self):
         self._channel.close()
@@ -138,31 +156,47 @@ class RestPredictClient:
         try:
             with urllib.request.urlopen(request,
                                         timeout=self.timeout) as reply:
-                payload = json.loads(reply.read().decode("utf-8"))
+                text = reply.read().decode("utf-8", errors="replace")
         except urllib.error.HTTPError as error:
-            try:
-                message = json.loads(error.read().decode("utf-8"))["error"]
-            except (ValueError, KeyError):
-                message = error.reason
             raise ServingError(
                 f"TF Serving rejected the request for model "
-                f"'{self.model_name}' (HTTP {error.code}): {message}"
-            ) from None
+                f"'{self.model_name}' (HTTP {error.code}): "
+                f"{_error_message(error.read(), error.reason)}") from None
         except (urllib.error.URLError, OSError) as error:
             reason = getattr(error, "reason", error)
             raise ServingError(
                 f"TF Serving at {self.url} is unreachable or did not answer "
                 f"within {self.timeout} s: {reason}") from None
-        return self._parse(payload, form)
+        try:
+            payload = json.loads(text)
+        except ValueError:
+            raise ServingError(
+                f"TF Serving's reply for model '{self.model_name}' is not "
+                f"JSON. Received: {text[:200]!r}") from None
+        if isinstance(payload, dict) and "error" in payload:
+            raise ServingError(
+                f"TF Serving rejected the request for model "
+                f"'{self.model_name}': {payload['error']}")
+        try:
+            return self._parse(payload, form)
+        except (KeyError, TypeError, IndexError, ValueError) as error:
+            raise ServingError(
+                f"TF Serving's reply for model '{self.model_name}' is not a "
+                f"predict reply of the {form!r} form ({type(error).__name__}"
+                f": {error}). Received: {text[:200]!r}") from None
 
     @staticmethod
     def _parse(payload, form):
+        if not isinstance(payload, dict):
+            raise TypeError("the reply must be a JSON object")
         if form == "inputs":
             outputs = payload["outputs"]
             if not isinstance(outputs, dict):  # a single output
                 outputs = {"output": outputs}
             return {k: np.asarray(v) for k, v in outputs.items()}
         predictions = payload["predictions"]
+        if not isinstance(predictions, list):
+            raise TypeError("'predictions' must be a list")
         if predictions and isinstance(predictions[0], dict):
             return {k: np.asarray([p[k] for p in predictions])
                     for k in predictions[0]}

@@ -1,5 +1,8 @@
 """Warm-up file, models.config, and the gRPC/REST clients on loopback."""
 
+import http.server
+import threading
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -129,3 +132,57 @@ def test_rest_client_errors_are_clear(served):
     with pytest.raises(ValueError, match="same number of rows"):
         RestPredictClient(rest_double.url, "ctr").predict(
             {"user": [1, 2], "item": [1]})
+
+
+class _CannedReplies(http.server.BaseHTTPRequestHandler):
+    """Replies of a misbehaving server, by model name."""
+
+    REPLIES = {
+        "error200": (200, b'{"error": "Servable not found for request"}'),
+        "notjson": (200, b"<html>bad gateway</html>"),
+        "list400": (400, b'["not", "an", "object"]'),
+        "text500": (500, b"upstream crashed"),
+        "nooutputs": (200, b'{"model_version": 1}'),
+        "badrows": (200, b'{"predictions": [{"a": 1}, {"b": 2}]}'),
+        "notalist": (200, b'{"predictions": 3}'),
+    }
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        name = self.path.split("/")[3].split(":")[0]
+        status, body = self.REPLIES[name]
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def canned_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             _CannedReplies)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("model, form, message", [
+    ("error200", "inputs", "rejected.*Servable not found"),
+    ("notjson", "inputs", "not JSON.*bad gateway"),
+    ("list400", "inputs", r"HTTP 400.*\[\"not\""),
+    ("text500", "inputs", "HTTP 500.*upstream crashed"),
+    ("nooutputs", "inputs", "not a predict reply.*'outputs'"),
+    ("badrows", "instances", "not a predict reply.*KeyError"),
+    ("notalist", "instances", "not a predict reply"),
+])
+def test_rest_client_malformed_replies_are_serving_errors(canned_server,
+                                                          model, form,
+                                                          message):
+    client = RestPredictClient(canned_server, model, timeout=5)
+    with pytest.raises(ServingError, match=message):
+        client.predict(_rows(2), form=form)
