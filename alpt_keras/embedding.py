@@ -5,7 +5,7 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from alpt_keras import _keras, quantizers
+from alpt_keras import _keras, quantizers, update
 from alpt_keras.sharding import row_variables
 from alpt_keras.storage import (
     SUPPORTED_STORAGE,
@@ -79,16 +79,6 @@ class _Membership:
         self.index = index
 
 
-def quantize_rows(spec, w, step, row_ids, noise_step, rounding):
-    """int32 codes of float rows `w` `[U, D]` of the logical table `spec`
-    (`TableSpec`) with Δ `step`, rounding noise keyed by `noise_step`."""
-    noise = None
-    if rounding == "stochastic":
-        noise = quantizers.hash_uniform(spec.seed, spec.salt, noise_step,
-                                        row_ids, spec.output_dim)
-    return quantizers.quantize(w, step, spec.num_bits, rounding, noise)
-
-
 def quantize_table(spec, storage, table, step, rounding):
     """Stored codes (int8 or packed, per `storage`) of a whole float table
     of the logical table `spec`, in blocks of rows: the noise and float
@@ -100,9 +90,10 @@ def quantize_table(spec, storage, table, step, rounding):
     for start in range(0, spec.input_dim, _INIT_BLOCK_ROWS):
         stop = min(start + _INIT_BLOCK_ROWS, spec.input_dim)
         block_step = step[start:stop] if spec.per_row else step
-        codes = quantize_rows(spec, table[start:stop], block_step,
-                              tf.range(start, stop, dtype=tf.int64),
-                              quantizers.INIT_STEP, rounding)
+        # The pure step's write-back, at the initial codes' noise step.
+        codes = update.requantize(table[start:stop], block_step,
+                                  tf.range(start, stop, dtype=tf.int64),
+                                  quantizers.INIT_STEP, spec, rounding)
         if storage == "packed":
             parts.append(pack_codes(codes, spec.num_bits))
         else:
