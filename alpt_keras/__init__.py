@@ -7,10 +7,15 @@ TensorFlow to use tf_keras (needed by TensorFlow Recommenders).
 
 from alpt_keras import quantizers, update
 from alpt_keras._keras import IS_KERAS_3
-from alpt_keras.callbacks import ALPTMonitor
+from alpt_keras.callbacks import (
+    ALPTMonitor,
+    NonFiniteStepsError,
+    StopOnSkippedSteps,
+)
 from alpt_keras.embedding import ALPTEmbedding
 from alpt_keras.group import ALPTEmbeddingGroup
 from alpt_keras.optimizer import ALPTOptimizer
+from alpt_keras.saving import load_weights
 from alpt_keras.sharding import RowPartitioner
 from alpt_keras.table import TableState, tables
 from alpt_keras.two_pass import TwoPassTrainStep, step_size_pass, two_pass
@@ -23,9 +28,12 @@ __all__ = [
     "ALPTMonitor",
     "ALPTOptimizer",
     "IS_KERAS_3",
+    "NonFiniteStepsError",
     "RowPartitioner",
+    "StopOnSkippedSteps",
     "TableState",
     "TwoPassTrainStep",
+    "load_weights",
     "quantizers",
     "step_size_pass",
     "tables",

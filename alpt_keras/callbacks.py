@@ -1,4 +1,6 @@
-"""`ALPTMonitor`: ALPT health figures in the Keras training logs."""
+"""Callbacks: `ALPTMonitor` (ALPT health figures in the Keras training
+logs) and `StopOnSkippedSteps` (a run whose steps keep being skipped for
+NaN/Inf gradients stops with a clear error)."""
 
 import numpy as np
 import tensorflow as tf
@@ -14,8 +16,9 @@ class ALPTMonitor(keras.callbacks.Callback):
 
     Over all tables: `alpt/step_size_mean` (mean Δ over every step size),
     `alpt/saturated` (share of all codes at either end of the range, i.e.
-    clipped) and `alpt_skipped_table_updates` (steps whose table update was
-    skipped because a table gradient was NaN/Inf). With `per_table=True`,
+    clipped) and `alpt_skipped_steps` (steps `ALPTOptimizer` skipped whole
+    because a gradient was NaN/Inf; also logged under its first name,
+    `alpt_skipped_table_updates`). With `per_table=True`,
     also `<table>/step_size_mean`, `_min`, `_max` and `<table>/saturated`.
 
     Reads whole tables, once per epoch (never per step).
@@ -44,8 +47,9 @@ class ALPTMonitor(keras.callbacks.Callback):
         out = {}
         skipped = getattr(self.model.optimizer, "skipped_table_updates", None)
         if skipped is not None:
-            out["alpt_skipped_table_updates"] = float(
+            out["alpt_skipped_steps"] = float(
                 np.array(tf.convert_to_tensor(skipped)))
+            out["alpt_skipped_table_updates"] = out["alpt_skipped_steps"]
         seen, steps_all, saturated, codes_count = [], [], 0, 0
         for table in tables(self.model):
             seen.append(table)
@@ -67,3 +71,92 @@ class ALPTMonitor(keras.callbacks.Callback):
                 np.concatenate(steps_all).mean())
             out["alpt/saturated"] = saturated / codes_count
         return out
+
+
+class NonFiniteStepsError(RuntimeError):
+    """Raised by `StopOnSkippedSteps`: too many consecutive training steps
+    were skipped for NaN/Inf gradients."""
+
+
+class StopOnSkippedSteps(keras.callbacks.Callback):
+    """Stops `fit` with `NonFiniteStepsError` after `max_consecutive`
+    consecutive steps skipped for NaN/Inf gradients.
+
+    `ALPTOptimizer` skips such a step whole (no variable changes), so a
+    few bad batches cost nothing; but a run whose every step is skipped
+    (NaN labels throughout, a diverged loss) would otherwise "train" to the
+    end without learning. The weights stay those of the last applied step,
+    and the error leaves `BackupAndRestore`'s backup in place.
+
+    Reads two counters per batch. With `steps_per_execution > 1` a window
+    that applied any step resets the count.
+
+    Args:
+        max_consecutive: int >= 1. Defaults to 10.
+        per_epoch: bool. Check at epoch ends only: for
+            `ParameterServerStrategy`, where tf_keras refuses batch-level
+            callbacks; an epoch that applied any step then resets the
+            count. Defaults to `False`.
+
+    Example:
+
+    >>> guard = StopOnSkippedSteps(max_consecutive=5)
+    >>> guard.max_consecutive
+    5
+    """
+
+    def __init__(self, max_consecutive=10, per_epoch=False):
+        super().__init__()
+        self.per_epoch = bool(per_epoch)
+        if self.per_epoch:
+            # The base class's no-op hook, so Keras sees no batch hook.
+            self.on_train_batch_end = keras.callbacks.Callback.\
+                on_train_batch_end.__get__(self)
+        if isinstance(max_consecutive, bool) or not isinstance(
+                max_consecutive, int) or max_consecutive < 1:
+            raise ValueError("`max_consecutive` must be an int >= 1. "
+                             f"Received: max_consecutive={max_consecutive!r}")
+        self.max_consecutive = max_consecutive
+        self.consecutive = 0
+        self._last = None
+
+    def _counters(self):
+        """(skipped steps, applied steps); (0, 0) before the optimizer is
+        built (its first apply builds it)."""
+        optimizer = self.model.optimizer
+        if not hasattr(type(optimizer), "skipped_steps"):
+            raise TypeError(
+                "StopOnSkippedSteps needs an ALPTOptimizer (which skips "
+                "non-finite steps and counts them). Received: optimizer of "
+                f"type {type(optimizer).__name__}")
+        if not optimizer.built:
+            return 0, 0
+        return (int(np.array(tf.convert_to_tensor(optimizer.skipped_steps))),
+                int(np.array(tf.convert_to_tensor(optimizer.iterations))))
+
+    def on_train_begin(self, logs=None):
+        self.consecutive = 0
+        self._last = self._counters()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.per_epoch:
+            self._check(f"epoch {epoch + 1}")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._check(f"batch {batch}")
+
+    def _check(self, where):
+        skipped, applied = self._counters()
+        new_skipped = skipped - self._last[0]
+        if applied != self._last[1]:
+            self.consecutive = 0
+        else:
+            self.consecutive += new_skipped
+        self._last = (skipped, applied)
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteStepsError(
+                f"{self.consecutive} consecutive training steps were "
+                "skipped because their gradients held NaN/Inf (last in "
+                f"{where}); the weights are those of the last applied "
+                "step. Check the labels and inputs for NaN/Inf, or lower "
+                "the learning rate.")

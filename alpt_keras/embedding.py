@@ -115,6 +115,29 @@ def initial_state(spec, initializer, storage):
         return quantize_table(spec, storage, w0, step0, spec.rounding), step0
 
 
+def check_loaded_table(name, spec, storage, codes, step_sizes):
+    """Refuses loaded values that no training could have produced: codes
+    outside `spec.num_bits`' range (int8 storage; every packed bit pattern
+    is a code in range) and step sizes that are not finite and > 0."""
+    codes = np.asarray(codes)
+    if storage == "int8" and codes.size:
+        low, high = quantizers.code_range(spec.num_bits)
+        if codes.min() < low or codes.max() > high:
+            outside = int(np.sum((codes < low) | (codes > high)))
+            raise ValueError(
+                f"Cannot load table '{name}': its {spec.num_bits}-bit codes "
+                f"must be in [{low}, {high}]. Received: {outside} codes "
+                f"outside, in [{codes.min()}, {codes.max()}] (a file saved "
+                "with more bits?)")
+    steps = np.asarray(step_sizes, np.float64)
+    bad = ~(np.isfinite(steps) & (steps > 0))
+    if bad.any():
+        raise ValueError(
+            f"Cannot load table '{name}': its step sizes must be finite "
+            f"and > 0. Received: {int(bad.sum())} that are not, e.g. "
+            f"{steps[bad].ravel()[:3].tolist()}")
+
+
 def check_storage_for_strategy(storage, name):
     if storage == "int8" and _multi_worker():
         raise ValueError(
@@ -220,9 +243,30 @@ class PhysicalTable(keras.layers.Layer):
     # ------------------------------------------------------------ checkpoint
     def load_own_variables(self, store):
         """Loads `.keras` / `.weights.h5` state saved with either storage:
-        int8 codes are packed, packed codes unpacked, on the fly."""
+        int8 codes are packed, packed codes unpacked, on the fly. Every
+        value is checked before any variable is assigned (shapes, codes
+        within `num_bits`, Δ finite and > 0): a refused file leaves the
+        layer as it was."""
         self._ensure_built()
-        super().load_own_variables(_StorageConvertingStore(store, self))
+        converting = _StorageConvertingStore(store, self)
+        variables = [self.gradient_carrier, self.codes, self.step_sizes]
+        if len(store.keys()) != len(variables):
+            raise ValueError(
+                f"Layer '{self.name}' expected {len(variables)} variables "
+                "(gradient carrier, codes, step sizes), but received "
+                f"{len(store.keys())} variables during loading.")
+        values = {str(i): np.asarray(converting[str(i)])
+                  for i in range(len(variables))}
+        for i, variable in enumerate(variables):
+            want = tuple(variable.shape)
+            if values[str(i)].shape != want:
+                raise ValueError(
+                    f"Cannot load table '{self.name}': its variable "
+                    f"'{variable.name}' has shape {want}. Received: shape "
+                    f"{values[str(i)].shape}")
+        check_loaded_table(self.name, self._table.spec, self.storage,
+                           values["1"], values["2"])
+        super().load_own_variables(values)
 
     def _convert_codes(self, value, spec=None):
         """`value` (a stored variable) in this layer's codes format, or
@@ -470,6 +514,7 @@ class ALPTEmbedding(PhysicalTable):
             raise ValueError(
                 f"Cannot load table '{self.name}': its step sizes must have "
                 f"shape {want_steps}. Received: shape {steps.shape}")
+        check_loaded_table(self.name, spec, self.storage, codes, steps)
         rows = tf.range(start, stop, dtype=tf.int64)
         _keras.tf_variable(group.codes).scatter_update(
             tf.IndexedSlices(tf.constant(codes), rows))

@@ -54,9 +54,11 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
     runs (`alpt_keras.TwoPassTrainStep`, `alpt_keras.two_pass`).
 
     Updates are computed once, in cross-replica context, and written
-    identically to every replica copy. A step whose table gradients contain
-    NaN/Inf leaves every table (codes, Δ, state, step counter) bitwise
-    unchanged and increments `skipped_table_updates`.
+    identically to every replica copy. A step is all or nothing: its
+    checks (gradient shapes, table ownership, ids) come before any write,
+    and if any gradient, dense or table, of any replica is NaN/Inf, every
+    variable (dense weights, their slots, tables, `iterations`) stays
+    bitwise unchanged and `skipped_steps` is incremented.
 
     Args:
         inner_optimizer: a Keras optimizer of the active flavour, for the
@@ -171,7 +173,14 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
 
     @property
     def skipped_table_updates(self):
-        """int64 variable: steps whose table update was skipped (NaN/Inf)."""
+        """int64 variable: steps skipped whole because a gradient (dense or
+        table, on any replica) was NaN/Inf. Kept under its first name (the
+        variable is in saved files); `skipped_steps` is the same."""
+        return self._skipped_table_updates
+
+    @property
+    def skipped_steps(self):
+        """int64 variable: steps skipped whole (NaN/Inf gradients)."""
         return self._skipped_table_updates
 
     @property
@@ -281,10 +290,12 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
     def _apply(self, grads_and_vars, aggregate, args, kwargs):
         dense, table_grads = [], []
         for grad, variable in grads_and_vars:
+            if grad is None:
+                continue
             table = find_table(variable)
             if table is None:
                 dense.append((grad, variable))
-            elif grad is not None:
+            else:
                 table_grads.append((table, grad, variable))
         if not self._alpt_built:
             with tf.init_scope():
@@ -292,19 +303,20 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
         two_pass = self.step_size_gradient == "two_pass" and any(
             table.spec.learn_step_size for table, _, _ in table_grads)
         self._two_pass.check_apply(two_pass)
-        result = None
-        if dense:
-            result = self.inner_optimizer.apply_gradients(
-                dense, *args, **kwargs)
+        # Every check that can fail at trace time runs before anything is
+        # written: a refused step changes nothing, `iterations` included.
+        slices = self._table_slices([(t, g) for t, g, _ in table_grads])
         if table_grads:
             _keras.refuse_xla("ALPTOptimizer's table update")
-            tables = [table for table, _, _ in table_grads]
-            slices = self._table_slices([(t, g) for t, g, _ in table_grads])
-            carriers = [v for _, _, v in table_grads] if two_pass else None
-            self._in_cross_replica(functools.partial(
-                self._update_tables, tables, not dense, carriers, aggregate),
-                slices, aggregate)
-        return self.iterations if result is None else result
+        if not dense and not table_grads:
+            return self.iterations
+        tables = [table for table, _, _ in table_grads]
+        carriers = [v for _, _, v in table_grads] if two_pass else None
+        step = functools.partial(
+            self._step, [v for _, v in dense], tables, carriers, aggregate,
+            args, kwargs)
+        return self._in_cross_replica(
+            step, slices, aggregate, [g for g, _ in dense])
 
     def _table_slices(self, table_grads):
         """Checks table gradients; returns them as float32/int64 slices."""
@@ -317,35 +329,92 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
                     f"The gradient of ALPT table '{table.name}' must be the "
                     "`tf.IndexedSlices` produced by ALPTEmbedding. Received: "
                     f"{type(grad).__name__}")
+            ids, values = grad.indices, grad.values
+            width = table.spec.output_dim
+            if (ids.shape.rank not in (None, 1)
+                    or values.shape.rank not in (None, 2)
+                    or values.shape[-1] not in (None, width)
+                    or not ids.shape[:1].is_compatible_with(
+                        values.shape[:1])):
+                raise ValueError(
+                    f"The gradient of ALPT table '{table.name}' must hold "
+                    f"ids [N] and row gradients [N, {width}]. Received: "
+                    f"indices of shape {ids.shape}, values of shape "
+                    f"{values.shape}")
+            if not ids.dtype.is_integer:
+                raise TypeError(
+                    f"The gradient of ALPT table '{table.name}' must have "
+                    f"integer indices. Received: {ids.dtype.name}")
             slices.append(tf.IndexedSlices(
-                tf.cast(grad.values, tf.float32),
-                tf.cast(grad.indices, tf.int64), grad.dense_shape))
+                tf.cast(values, tf.float32), tf.cast(ids, tf.int64),
+                grad.dense_shape))
         return slices
 
-    def _in_cross_replica(self, fn, slices, aggregate):
-        """Sums `slices` over replicas (concatenated) and runs `fn` once, in
-        cross-replica context, on the flat (ids, values) pairs."""
+    def _in_cross_replica(self, fn, slices, aggregate, dense_grads=()):
+        """Sums `slices` over replicas (concatenated), counts the
+        non-finite dense gradient entries of every replica, and runs `fn` once,
+        in cross-replica context, on `(strategy, bad, dense_grads, flat)`:
+        `bad` the count, `flat` the (ids, values) pairs."""
+        # Table gradients are checked once summed (`_sum_table_gradients`,
+        # on every replica's rows); here only the dense ones.
+        bad = _non_finite_count(dense_grads)
         context = tf.distribute.get_replica_context()
         if tf.distribute.has_strategy() and context is not None:
             if aggregate:
-                # Concatenates the slices of all replicas (duplicates stay).
-                slices = context.all_reduce(tf.distribute.ReduceOp.SUM, slices)
+                # Concatenates the slices of all replicas (duplicates stay);
+                # every replica then sees the same count.
+                bad, slices = context.all_reduce(
+                    tf.distribute.ReduceOp.SUM, (bad, slices))
             flat = [(s.indices, s.values) for s in slices]
-            return context.merge_call(fn, args=(flat,))
+            return context.merge_call(
+                fn, args=(bad, list(dense_grads), flat))
         flat = [(s.indices, s.values) for s in slices]
-        return fn(tf.distribute.get_strategy(), flat)
+        return fn(tf.distribute.get_strategy(), bad, list(dense_grads), flat)
 
-    def _update_tables(self, tables, count_step, carriers, aggregate,
-                       strategy, flat):
-        """Cross-replica: computes every table's new rows once, writes them.
+    def _step(self, dense_vars, tables, carriers, aggregate, args, kwargs,
+              strategy, bad, dense_grads, flat):
+        """Cross-replica: the whole step, or nothing.
 
-        Computing once and writing the same tensors to every copy keeps the
-        replicas bit-identical even where a kernel (GPU segment sums) is not
-        deterministic. In a two-pass step (`carriers`), tables that learn Δ
-        get their optimizer state and the codes `Q_D(w'; Δ)` now (what the
-        second pass reads); their Δ and final codes wait for
-        `apply_step_size_gradients`.
+        Sums each table's row gradients and checks its ids first; then, if
+        no gradient of any replica is NaN/Inf, applies the inner optimizer
+        to the dense variables (on every replica) and writes the tables.
+        Otherwise every variable but the skip counter stays bitwise
+        unchanged.
         """
+        bad = tf.add_n(strategy.experimental_local_results(bad))
+        touched, finite = self._sum_table_gradients(strategy, tables, flat)
+        # The id checks (asserts) gate the decision, hence every write.
+        with tf.control_dependencies([ids for _, _, ids, _, _ in touched]):
+            finite = tf.logical_and(finite, tf.equal(bad, 0))
+        writes = []
+        if dense_vars:
+            writes.append(tf.cond(
+                finite,
+                functools.partial(self._apply_dense, strategy, dense_grads,
+                                  dense_vars, args, kwargs),
+                lambda: tf.constant(False)))
+        if touched:
+            return self._update_tables(touched, writes, finite, carriers,
+                                       aggregate, not dense_vars)
+        return self._count_step(writes, finite, False)
+
+    def _apply_dense(self, strategy, dense_grads, dense_vars, args, kwargs):
+        """The inner optimizer's step on every replica (inside the
+        step's condition, hence from cross-replica context: a
+        synchronisation point may not sit in a replica's control flow)."""
+        def apply(grads):
+            self.inner_optimizer.apply_gradients(
+                list(zip(grads, dense_vars, strict=True)), *args, **kwargs)
+
+        if tf.distribute.has_strategy():
+            strategy.extended.call_for_each_replica(apply, args=(dense_grads,))
+        else:
+            apply(dense_grads)
+        return tf.constant(True)
+
+    def _sum_table_gradients(self, strategy, tables, flat):
+        """Per table: the unique ids (checked against the table), the
+        row gradients summed per unique id, and whether all are finite."""
         touched, finite = [], tf.constant(True)
         for table, (ids, values) in zip(tables, flat, strict=True):
             ids = strategy.experimental_local_results(ids)[0]
@@ -358,8 +427,21 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
             finite = tf.logical_and(
                 finite, tf.reduce_all(tf.math.is_finite(grads)))
             touched.append((table, ids, unique_ids, positions, grads))
+        return touched, finite
+
+    def _update_tables(self, touched, writes, finite, carriers, aggregate,
+                       count_step):
+        """Cross-replica: computes every table's new rows once, writes them.
+
+        Computing once and writing the same tensors to every copy keeps the
+        replicas bit-identical even where a kernel (GPU segment sums) is not
+        deterministic. In a two-pass step (`carriers`), tables that learn Δ
+        get their optimizer state and the codes `Q_D(w'; Δ)` now (what the
+        second pass reads); their Δ and final codes wait for
+        `apply_step_size_gradients`.
+        """
         step = tf.convert_to_tensor(self._table_iterations)
-        writes, pending = [], []
+        pending = []
         for i, (table, ids, unique_ids, positions, grads) in enumerate(
                 touched):
             slots = self.table_slots(table)
@@ -437,9 +519,9 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
             ]
             if count_step:
                 # No dense variable: the inner optimizer did not step, but
-                # `iterations` still counts training steps (callbacks use it).
+                # `iterations` still counts applied steps (callbacks use it).
                 ops.append(_keras.tf_variable(
-                    self.inner_optimizer.iterations).assign_add(1))
+                    self.inner_optimizer.iterations).assign_add(applied))
         return tf.group(ops)
 
     # ----------------------------------------------------- serialization
@@ -458,3 +540,18 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
         inner = keras.optimizers.deserialize(
             config.pop("inner_optimizer"), custom_objects=custom_objects)
         return cls(inner, **config)
+
+
+def _non_finite_count(grads):
+    """float32 scalar: how many entries of `grads` (tensors or
+    `tf.IndexedSlices`) are NaN/Inf. Float, so it all-reduces in one batch
+    with the gradients (int32 tensors live in host memory); only `== 0`
+    is ever read."""
+    counts = [tf.constant(0.0, tf.float32)]
+    for grad in grads:
+        values = grad.values if isinstance(grad, tf.IndexedSlices) else grad
+        values = tf.convert_to_tensor(values)
+        if values.dtype.is_floating:
+            counts.append(tf.reduce_sum(tf.cast(
+                tf.logical_not(tf.math.is_finite(values)), tf.float32)))
+    return tf.add_n(counts)

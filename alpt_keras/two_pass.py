@@ -224,9 +224,12 @@ class TwoPassOptimizerMixin:
             self._finish_tables, self._table_slices(table_grads),
             pending.aggregate)
 
-    def _finish_tables(self, strategy, flat):
+    def _finish_tables(self, strategy, bad, dense_grads, flat):
+        del dense_grads  # the second pass has table gradients only
         state, self._two_pass.pending = self._two_pass.pending, None
-        step_grads, step_finite = [], state.finite
+        bad = tf.add_n(strategy.experimental_local_results(bad))
+        step_grads = []
+        step_finite = tf.logical_and(state.finite, tf.equal(bad, 0))
         for first, (ids, values) in zip(state.tables, flat, strict=True):
             ids = strategy.experimental_local_results(ids)[0]
             values = strategy.experimental_local_results(values)[0]

@@ -92,9 +92,18 @@ def _parser():
                    help="Folder name under --export-dir.")
     p.add_argument("--tensorboard", action="store_true",
                    help="Write TensorBoard logs under --output-dir.")
+    p.add_argument("--max-skipped-steps", type=int, default=10,
+                   help="Stop with an error after this many consecutive "
+                        "steps skipped for NaN/Inf gradients.")
     p.add_argument("--verbose", type=int, default=None,
                    help="Keras verbosity (default: progress bar on a tty).")
     return p
+
+
+def _fail(message):
+    """A user error: one line on stderr, exit status 2 (as argparse)."""
+    print(f"alpt-train: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _check(args):
@@ -102,7 +111,7 @@ def _check(args):
         raise SystemExit(f"alpt-train: --dataset {args.dataset} needs "
                          "--data-path (the file is not downloadable here).")
     for name in ("epochs", "batch_size", "num_examples", "devices",
-                 "embedding_dim", "num_fields"):
+                 "embedding_dim", "num_fields", "max_skipped_steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"alpt-train: --{name.replace('_', '-')} must "
                              f"be >= 1. Received: {getattr(args, name)}")
@@ -330,14 +339,49 @@ def _load_data(args, table_kwargs):
         from alpt_keras.models.criteo import CriteoPipeline as Pipeline
     else:
         from alpt_keras.models.avazu import AvazuPipeline as Pipeline
-    pipeline = Pipeline(args.data_path, min_count=args.min_count,
-                        seed=args.seed).fit()
-    info["malformed_lines"] = pipeline.report["malformed"]
-    info["malformed_examples"] = pipeline.report["malformed_examples"]
+    from alpt_keras.models.pipeline import EmptyDataError
+
+    try:
+        pipeline = Pipeline(args.data_path, min_count=args.min_count,
+                            seed=args.seed).fit()
+    except (EmptyDataError, OSError) as error:
+        _fail(f"--data-path {args.data_path}: {error}")
+    report = pipeline.report
+    info["malformed_lines"] = report["malformed"]
+    info["malformed_examples"] = report["malformed_examples"]
+    if report["malformed"]:
+        first = "; ".join(f"line {m['line']}: {m['reason']}"
+                          for m in report["malformed_examples"][:3])
+        print(f"alpt-train: skipped {report['malformed']:,} malformed "
+              f"line(s) of {report['lines']:,} ({first}"
+              f"{'; ...' if report['malformed'] > 3 else ''})",
+              file=sys.stderr)
+    rows = report["rows"]
+    if min(rows.values()) == 0:
+        _fail(f"--data-path {args.data_path}: too few data lines to train "
+              "and evaluate: the 8:1:1 split gives train "
+              f"{rows['train']}, validation {rows['validation']}, test "
+              f"{rows['test']}; every split needs at least one.")
     features = pipeline.feature_configs(**table_kwargs)
     splits = [pipeline.dataset(s, args.batch_size)
               for s in ("train", "validation", "test")]
     return features, splits, info, pipeline
+
+
+def non_finite_weights(model):
+    """Names of `model`'s floating-point weights holding NaN/Inf."""
+    import tensorflow as tf
+
+    from alpt_keras import _keras
+
+    bad = []
+    for weight in model.weights:
+        variable = _keras.tf_variable(weight)
+        if variable.dtype.is_floating and not bool(tf.reduce_all(
+                tf.math.is_finite(tf.convert_to_tensor(variable)))):
+            bad.append(weight.path if hasattr(weight, "path")
+                       else weight.name)
+    return bad
 
 
 def _nbytes(variable):
@@ -359,7 +403,7 @@ def table_bytes(model, optimizer):
     float32_rows = sum(t.spec.input_dim * t.spec.output_dim for t in alpt)
     float32_rows += sum(int(np.prod(layer.embeddings.shape))
                         for layer in floats)
-    if hasattr(optimizer, "state_bytes"):  # ALPTOptimizer
+    if alpt:  # from the rule specs
         state = sum(optimizer.state_bytes(t.spec) for t in alpt)
     else:  # the inner optimizer's slots of the float tables
         shapes = {tuple(layer.embeddings.shape) for layer in floats}
@@ -463,14 +507,15 @@ def build_model(run, features):
                                 hidden_units=args.hidden_units,
                                 seed=args.seed,
                                 stack_tables=args.stack_tables)
-        optimizer = keras.optimizers.Adam(args.learning_rate)
-        if args.embedding != "float32":
-            optimizer = ALPTOptimizer(
-                optimizer,
-                embedding_optimizer=args.embedding_optimizer,
-                embedding_learning_rate=args.embedding_learning_rate,
-                step_size_optimizer=args.step_size_optimizer,
-                step_size_learning_rate=args.step_size_learning_rate)
+        # float32 runs are wrapped too: ALPTOptimizer then steps only the
+        # dense variables (float tables included), with the same
+        # whole-step NaN/Inf skip as ALPT runs.
+        optimizer = ALPTOptimizer(
+            keras.optimizers.Adam(args.learning_rate),
+            embedding_optimizer=args.embedding_optimizer,
+            embedding_learning_rate=args.embedding_learning_rate,
+            step_size_optimizer=args.step_size_optimizer,
+            step_size_learning_rate=args.step_size_learning_rate)
         model.compile(optimizer=optimizer, loss="binary_crossentropy",
                       metrics=[keras.metrics.AUC(name="auc")])
     return model, optimizer
@@ -517,7 +562,7 @@ def check_backup_layout(backup, stacked):
 def fit(run, model, data):
     """Step 5: `model.fit` with the run's callbacks; returns the history
     and the training seconds."""
-    from alpt_keras import ALPTMonitor
+    from alpt_keras import ALPTMonitor, StopOnSkippedSteps
     from alpt_keras.compat import keras
 
     args = run.args
@@ -533,8 +578,9 @@ def fit(run, model, data):
             check_backup_layout(backup, args.stack_tables and
                                 args.embedding != "float32")
         callbacks.append(keras.callbacks.BackupAndRestore(backup))
-    if args.embedding != "float32":
-        callbacks.append(ALPTMonitor())
+    callbacks.append(StopOnSkippedSteps(
+        args.max_skipped_steps, per_epoch=run.parameter_server))
+    callbacks.append(ALPTMonitor())
     if args.tensorboard and args.output_dir:
         callbacks.append(keras.callbacks.TensorBoard(
             os.path.join(args.output_dir, "tensorboard")))
@@ -670,11 +716,24 @@ def main(argv=None):
     run = setup(args, cluster)
     data = load_data(run)
     model, optimizer = build_model(run, data.features)
-    history, seconds = fit(run, model, data)
+    from alpt_keras import NonFiniteStepsError
+
+    try:
+        history, seconds = fit(run, model, data)
+    except NonFiniteStepsError as e:
+        print(f"alpt-train: {e} Nothing was saved or exported; the resume "
+              "backup (if any) is kept.", file=sys.stderr)
+        return 1
     trained = model
     if run.parameter_server:
         model = gather_from_parameter_servers(run, model, optimizer,
                                               data.features)
+    bad = non_finite_weights(model)
+    if bad:
+        print("alpt-train: refusing to evaluate, save or export a model with "
+              f"NaN/Inf weights: {', '.join(bad[:5])}"
+              f"{' ...' if len(bad) > 5 else ''}", file=sys.stderr)
+        return 1
     report = evaluate(run, model, trained, optimizer, data, history,
                       seconds)
     if args.export_dir and run.is_chief:

@@ -10,7 +10,7 @@ own copy.
 
 import datetime
 
-from alpt_keras.models.pipeline import CTRPipeline, MalformedLine
+from alpt_keras.models.pipeline import CTRPipeline, MalformedLine, open_text
 
 CATEGORICAL = (
     "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id",
@@ -33,7 +33,7 @@ class AvazuPipeline(CTRPipeline):
             raise TypeError("AvazuPipeline reads `labeled` from the header. "
                             f"Received: labeled={kwargs['labeled']!r}")
         super().__init__(path, **kwargs)
-        with open(path, encoding="utf-8") as f:
+        with open_text(path) as f:  # gzip and a BOM, like the rows
             header = tuple(f.readline().strip().split(","))
         if header == LABELED_HEADER:
             self.labeled = True

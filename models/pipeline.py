@@ -14,6 +14,7 @@ raise `ValueError` in strict mode. With `hash_buckets`, fields skip the
 vocabulary and hash tokens into a fixed number of ids (unbounded id spaces).
 """
 
+import gzip
 import json
 import os
 import zlib
@@ -28,6 +29,27 @@ OOV_ID, MISSING_ID, FIRST_VALUE_ID = 0, 1, 2
 
 class MalformedLine(ValueError):
     """A line that does not parse; the message says why."""
+
+
+class EmptyDataError(ValueError):
+    """A data file without a single good data line."""
+
+
+def open_text(path):
+    """`path` as UTF-8 text lines: gzip files (by their magic bytes, so
+    also without a `.gz` suffix) are decompressed on the fly, a UTF-8 byte
+    order mark is dropped, and undecodable bytes become U+FFFD (that line
+    then fails to parse and is reported as malformed)."""
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic == b"\x1f\x8b":
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
+    return open(path, encoding="utf-8-sig", errors="replace")
+
+
+def _new_report():
+    return {"lines": 0, "malformed": 0, "malformed_examples": [],
+            "rows": {split: 0 for split in SPLITS}}
 
 
 class CTRPipeline:
@@ -67,7 +89,7 @@ class CTRPipeline:
         self.strict, self.hash_buckets, self.labeled = strict, hash_buckets, \
             labeled
         self.vocabularies = None
-        self.report = {"lines": 0, "malformed": 0, "malformed_examples": []}
+        self.report = _new_report()
 
     # ------------------------------------------------------------ parsing
     def parse(self, line):
@@ -78,8 +100,8 @@ class CTRPipeline:
     def _rows(self):
         """Yields `(line_number, split_name, label, tokens)` of good lines."""
         cumulative = np.cumsum(self.split) / sum(self.split)
-        self.report = {"lines": 0, "malformed": 0, "malformed_examples": []}
-        with open(self.path, encoding="utf-8", errors="replace") as f:
+        self.report = _new_report()
+        with open_text(self.path) as f:
             for number, line in enumerate(f, start=1):
                 line = line.rstrip("\r\n")
                 if self._skip_line(number, line):
@@ -90,8 +112,9 @@ class CTRPipeline:
                 except MalformedLine as error:
                     self._malformed(number, str(error))
                     continue
-                yield number, self.row_split(number, cumulative), label, \
-                    tokens
+                split = self.row_split(number, cumulative)
+                self.report["rows"][split] += 1
+                yield number, split, label, tokens
 
     def row_split(self, line_number, _cumulative=None):
         """The split (`"train"`, ...) of a line: a hash of seed and number."""
@@ -104,6 +127,15 @@ class CTRPipeline:
         """Header lines and the like. Default: skip blank lines."""
         return not line
 
+    def _check_not_empty(self):
+        if sum(self.report["rows"].values()) == 0:
+            what = "every one of its {} lines is malformed".format(
+                self.report["malformed"]) if self.report["malformed"] else \
+                "it is empty or holds only a header"
+            raise EmptyDataError(
+                f"`path` has no data line: {what}. Received: "
+                f"path={self.path!r}")
+
     def _malformed(self, number, reason):
         if self.strict:
             raise ValueError(f"{self.path}, line {number}: {reason}")
@@ -114,11 +146,17 @@ class CTRPipeline:
 
     # -------------------------------------------------------- vocabulary
     def fit(self):
-        """Builds the vocabularies from the training split (first pass)."""
+        """Builds the vocabularies from the training split (first pass).
+
+        Raises `EmptyDataError` if the file has no good data line (empty,
+        header-only, or every line malformed); `report["rows"]` then gives
+        the good lines per split.
+        """
         if self.hash_buckets is not None:
-            self.vocabularies = {}
             for _ in self._rows():  # still counts malformed lines
                 pass
+            self._check_not_empty()
+            self.vocabularies = {}
             return self
         counts = [dict() for _ in self.field_names]
         for _, split, _, tokens in self._rows():
@@ -127,6 +165,7 @@ class CTRPipeline:
             for field_counts, token in zip(counts, tokens, strict=True):
                 if token is not None:
                     field_counts[token] = field_counts.get(token, 0) + 1
+        self._check_not_empty()
         self.vocabularies = {}
         for name, field_counts in zip(self.field_names, counts, strict=True):
             kept = sorted((t for t, c in field_counts.items()

@@ -1,5 +1,7 @@
 """`alpt-train` end to end, and resuming after being killed."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -216,3 +218,60 @@ def test_a_backup_of_the_other_table_layout_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="separate ALPT tables"):
         check_backup_layout(backup, True)
     check_backup_layout(backup, False)
+
+
+def test_diverging_run_stops_with_a_clear_error_and_saves_nothing(tmp_path):
+    """A learning rate of 1e38 overflows the weights in one step; every
+    later step is skipped for NaN/Inf gradients, so the run stops after
+    --max-skipped-steps of them (also for float32 tables), and nothing
+    with NaN weights is saved or exported."""
+    for kind in ("float32", "alpt"):
+        out, serving = tmp_path / kind, tmp_path / f"serving-{kind}"
+        proc = subprocess.run(
+            [sys.executable, "-m", "alpt_keras.cli", "--num-examples",
+             "4000", "--batch-size", "100", "--learning-rate", "1e38",
+             "--embedding", kind, "--max-skipped-steps", "3", "--verbose",
+             "0", "--output-dir", str(out), "--export-dir", str(serving)],
+            env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("alpt-train: 3 consecutive training steps "
+                               "were skipped"), last
+        assert "Traceback" not in proc.stderr
+        assert not (out / "model.keras").exists()
+        assert not (out / "report.json").exists()
+        assert not serving.exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "has no data line: it is empty or holds only a header"),
+    (b"x\ty\n", "has no data line: every one of its 1 lines is malformed"),
+    ("\t".join(["1"] + ["1"] * 13 + ["a"] * 26).encode() + b"\n",
+     "too few data lines to train and evaluate"),
+])
+def test_unusable_data_files_are_one_line_exit_2(tmp_path, content, message):
+    path = tmp_path / "train.txt"
+    path.write_bytes(content)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "alpt_keras.cli", "--dataset", "criteo",
+         "--data-path", str(path), "--output-dir", str(out)],
+        env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"alpt-train: --data-path {path}: "), last
+    assert message in last
+    assert not (out / "vocabulary.json").exists()  # nothing left behind
+
+
+def test_malformed_lines_are_reported_on_the_console(tmp_path):
+    from alpt_keras.cli.train import _load_data, parse_args
+
+    path = _criteo_file(tmp_path / "train.txt", rows=200)
+    args = parse_args(["--dataset", "criteo", "--data-path", path])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        _load_data(args, dict(embedding_dim=4))
+    assert ("alpt-train: skipped 1 malformed line(s) of 201 (line 8: "
+            "expected 40 tab-separated columns, found 4)") in err.getvalue()

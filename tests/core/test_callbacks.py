@@ -1,8 +1,16 @@
-"""ALPTMonitor puts skipped updates and table health into fit's logs."""
+"""ALPTMonitor puts skipped steps and table health into fit's logs;
+StopOnSkippedSteps stops a run whose steps keep being skipped."""
 
 import numpy as np
+import pytest
 
-from alpt_keras import ALPTEmbedding, ALPTMonitor, ALPTOptimizer
+from alpt_keras import (
+    ALPTEmbedding,
+    ALPTMonitor,
+    ALPTOptimizer,
+    NonFiniteStepsError,
+    StopOnSkippedSteps,
+)
 from alpt_keras._keras import keras
 from tests.core.helpers import value
 
@@ -28,7 +36,8 @@ def test_monitor_logs_skipped_updates_and_table_stats():
                         callbacks=[ALPTMonitor(per_table=True)],
                         verbose=0)
     logs = {k: v[-1] for k, v in history.history.items()}
-    assert logs["alpt_skipped_table_updates"] == 1.0
+    assert logs["alpt_skipped_steps"] == 1.0
+    assert logs["alpt_skipped_table_updates"] == 1.0  # its first name
     assert int(value(optimizer.table_iterations)) == 3
     steps = value(layer.step_sizes)
     np.testing.assert_allclose(logs["user_id/step_size_mean"], steps.mean(),
@@ -42,3 +51,59 @@ def test_monitor_logs_skipped_updates_and_table_stats():
     assert logs["alpt/saturated"] == saturated  # the only table
     np.testing.assert_allclose(logs["alpt/step_size_mean"], steps.mean(),
                                rtol=1e-6)
+
+
+def _guarded_fit(labels, guard, batch_size=10):
+    inputs = keras.Input(shape=(2,), dtype="int64")
+    layer = ALPTEmbedding(20, 4, seed=0, name="user_id")
+    head = keras.layers.Dense(
+        1, kernel_initializer=keras.initializers.GlorotUniform(seed=1))
+    model = keras.Model(inputs, head(keras.layers.Flatten()(layer(inputs))))
+    optimizer = ALPTOptimizer(keras.optimizers.SGD(0.1))
+    model.compile(optimizer, "mse")
+    ids = np.tile(np.arange(20).reshape(10, 2), (len(labels) // 10, 1))
+    return model, optimizer, lambda: model.fit(
+        ids, labels, batch_size=batch_size, epochs=1, shuffle=False,
+        callbacks=[guard], verbose=0)
+
+
+def test_stop_on_skipped_steps_raises_after_the_limit():
+    labels = np.ones((100, 1), np.float32)
+    labels[20:] = np.nan  # two good batches, then eight NaN batches
+    guard = StopOnSkippedSteps(max_consecutive=3)
+    model, optimizer, fit = _guarded_fit(labels, guard)
+    with pytest.raises(NonFiniteStepsError, match="3 consecutive training "
+                       "steps were skipped.*batch 4"):
+        fit()
+    assert int(value(optimizer.iterations)) == 2
+    assert int(value(optimizer.skipped_steps)) == 3
+    assert all(np.all(np.isfinite(value(w))) for w in model.weights
+               if value(w).dtype.kind == "f")
+
+
+def test_stop_on_skipped_steps_resets_on_an_applied_step():
+    labels = np.ones((100, 1), np.float32)
+    labels[0::20] = np.nan  # every other batch is skipped: never 2 in a row
+    guard = StopOnSkippedSteps(max_consecutive=2)
+    _, optimizer, fit = _guarded_fit(labels, guard)
+    fit()
+    assert int(value(optimizer.skipped_steps)) == 5
+    assert int(value(optimizer.iterations)) == 5
+    assert guard.consecutive == 0
+
+
+def test_stop_on_skipped_steps_per_epoch_has_no_batch_hook():
+    labels = np.full((40, 1), np.nan, np.float32)
+    guard = StopOnSkippedSteps(max_consecutive=4, per_epoch=True)
+    assert getattr(guard.on_train_batch_end, "_is_default", None) is \
+        getattr(keras.callbacks.Callback.on_train_batch_end, "_is_default",
+                None)
+    _, _, fit = _guarded_fit(labels, guard)
+    with pytest.raises(NonFiniteStepsError, match="epoch 1"):
+        fit()
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "3"])
+def test_stop_on_skipped_steps_argument(bad):
+    with pytest.raises(ValueError, match=f"max_consecutive={bad!r}"):
+        StopOnSkippedSteps(max_consecutive=bad)

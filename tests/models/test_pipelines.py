@@ -1,12 +1,14 @@
 """Criteo and Avazu pipelines on small files in the exact formats."""
 
+import gzip
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from alpt_keras.models.avazu import AvazuPipeline
 from alpt_keras.models.criteo import CriteoPipeline, bucketize
-from alpt_keras.models.pipeline import MISSING_ID, OOV_ID
+from alpt_keras.models.pipeline import MISSING_ID, OOV_ID, EmptyDataError
 
 
 def _criteo_line(label, numerics, categoricals):
@@ -184,3 +186,62 @@ def test_avazu_unlabeled_file_is_prediction_only(tmp_path):
     bad.write_text("a,b,c\n1,2,3\n")
     with pytest.raises(ValueError, match="Avazu header"):
         AvazuPipeline(str(bad))
+
+
+def _rows(n=60):
+    return [_criteo_line(i % 2, [i % 5] * 13, [f"c{i % 3}"] * 26)
+            for i in range(n)]
+
+
+def test_gzip_and_bom_files_read_like_plain_ones(tmp_path):
+    plain = _criteo_file(tmp_path, _rows())
+    text = open(plain, encoding="utf-8").read()
+    gz = tmp_path / "train.txt.gz"
+    with gzip.open(gz, "wt", encoding="utf-8") as f:
+        f.write(text)
+    bare_gz = tmp_path / "gzipped_without_suffix.txt"  # found by magic
+    bare_gz.write_bytes(gz.read_bytes())
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    want = CriteoPipeline(plain).fit()
+    want_arrays = want.arrays("train")
+    for path in (gz, bare_gz, bom):
+        got = CriteoPipeline(str(path)).fit()
+        assert got.report == want.report, path  # BOM: row 1 not malformed
+        assert got.report["malformed"] == 0
+        assert got.vocabularies == want.vocabularies
+        features, labels = got.arrays("train")
+        np.testing.assert_array_equal(labels, want_arrays[1])
+        for name in features:
+            np.testing.assert_array_equal(features[name],
+                                          want_arrays[0][name])
+
+
+@pytest.mark.parametrize("content, reason", [
+    ("", "empty or holds only a header"),
+    ("\n\n", "empty or holds only a header"),
+    ("bad\tline\nworse\n", "every one of its 2 lines is malformed"),
+])
+def test_a_file_without_data_lines_is_one_clear_error(tmp_path, content,
+                                                      reason):
+    path = tmp_path / "train.txt"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(EmptyDataError, match=reason):
+        CriteoPipeline(str(path)).fit()
+    with pytest.raises(EmptyDataError, match=reason):
+        CriteoPipeline(str(path), hash_buckets=10).fit()
+
+
+def test_a_header_only_avazu_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "train.csv.gz"
+    with gzip.open(path, "wt", encoding="utf-8-sig") as f:  # gzip + BOM
+        f.write(AVAZU_HEADER + "\n")
+    with pytest.raises(EmptyDataError, match="only a header"):
+        AvazuPipeline(str(path)).fit()
+
+
+def test_report_counts_good_rows_per_split(tmp_path):
+    pipeline = CriteoPipeline(_criteo_file(tmp_path, _rows(200))).fit()
+    rows = pipeline.report["rows"]
+    assert sum(rows.values()) == 200
+    assert rows["train"] == len(pipeline.arrays("train")[1])
