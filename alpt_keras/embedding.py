@@ -19,6 +19,7 @@ from alpt_keras.table import (
     SUPPORTED_STEP_SIZE,
     TAG_ATTRIBUTE,
     TableState,
+    check_float_dtype,
     checked_ids,
     combine,
 )
@@ -385,6 +386,7 @@ class ALPTEmbedding(PhysicalTable):
     ):
         explicit_name = kwargs.get("name")
         super().__init__(**kwargs)
+        check_float_dtype(self)
         self.input_dim = check_int("input_dim", input_dim, minimum=1)
         self.output_dim = check_int("output_dim", output_dim, minimum=1)
         self.num_bits = quantizers.validate_num_bits(num_bits)

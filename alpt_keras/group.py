@@ -24,7 +24,7 @@ from alpt_keras.embedding import (
     check_storage_for_strategy,
     initial_state,
 )
-from alpt_keras.table import combine
+from alpt_keras.table import check_float_dtype, combine, integer_ids
 from alpt_keras.update import GroupSpec
 from alpt_keras.update.table_spec import SHARED_SETTINGS
 
@@ -118,6 +118,7 @@ class ALPTEmbeddingGroup(PhysicalTable):
         kwargs.setdefault("dtype", first.dtype_policy if _keras.IS_KERAS_3
                           else first.dtype)
         super().__init__(**kwargs)
+        check_float_dtype(self)
         self._tables = tuple(
             _Table(layer.table_spec, layer.embeddings_initializer,
                    layer.combiner, layer.get_config())
@@ -284,13 +285,9 @@ class ALPTEmbeddingGroup(PhysicalTable):
         return self._lookup(global_ids, training, table_index), sizes
 
     def _as_int64(self, feature, flat):
-        # Float ids are cast, as `ALPTEmbedding` does (issue 13 will refuse
-        # non-integer values in both).
-        if flat.dtype.is_integer or flat.dtype.is_floating:
-            return tf.cast(flat, tf.int64)
-        raise TypeError(
-            f"ALPTEmbeddingGroup '{self.name}' needs integer ids. Received: "
-            f"ids of dtype {flat.dtype.name} for feature {feature!r}")
+        # Float ids only if whole numbers, as in `ALPTEmbedding`.
+        return integer_ids(
+            flat, f"ALPTEmbeddingGroup '{self.name}' (feature {feature!r})")
 
     def _checked_global_ids(self, local, table_index, sizes,
                             feature_names):

@@ -45,6 +45,42 @@ def combine(sums, counts, combiner):
     return sums / tf.sqrt(counts)
 
 
+def integer_ids(flat, owner):
+    """int64 ids of `flat`: integers are cast; floats only if every value
+    is a whole number (checked in the graph; `1.7` or NaN fails with
+    `InvalidArgumentError` naming `owner` rather than being truncated);
+    other dtypes raise `TypeError`."""
+    if flat.dtype.is_integer:
+        return tf.cast(flat, tf.int64)
+    if not flat.dtype.is_floating:
+        raise TypeError(f"{owner} needs integer ids. Received: ids of "
+                        f"dtype {flat.dtype.name}")
+    whole = tf.reduce_all(tf.equal(flat, tf.round(flat)))
+
+    def fail():
+        bad = tf.not_equal(flat, tf.round(flat))
+        check = tf.debugging.Assert(False, [
+            f"{owner} needs integer ids; float ids must be whole numbers "
+            "(they are never truncated). Received non-integer ids "
+            "(first 10):", tf.boolean_mask(flat, bad)[:10]], summarize=10)
+        with tf.control_dependencies([check]):
+            return tf.identity(flat)
+
+    flat = tf.cond(whole, lambda: tf.identity(flat), fail)
+    return tf.cast(flat, tf.int64)
+
+
+def check_float_dtype(layer):
+    """Refuses a layer dtype policy whose compute dtype is not floating
+    (`dtype="int32"` would cast every dequantized row to 0)."""
+    compute = tf.as_dtype(layer.compute_dtype)
+    if not compute.is_floating:
+        raise ValueError(
+            f"Layer '{layer.name}' returns dequantized float rows, so its "
+            "`dtype` must be a float type or policy (e.g. 'float32', "
+            f"'mixed_bfloat16'). Received: dtype={compute.name}")
+
+
 def checked_ids(flat, input_dim, name):
     """int64 ids `flat` `[N]`, checked against `[0, input_dim)` before any
     use: an out-of-range id fails with `InvalidArgumentError` naming
@@ -54,14 +90,7 @@ def checked_ids(flat, input_dim, name):
     unsigned values); the offending ids are gathered only when the check
     fails, which halves its cost per serving request.
     """
-    if not flat.dtype.is_integer:
-        if flat.dtype.is_floating:
-            flat = tf.cast(flat, tf.int64)
-        else:
-            raise TypeError(
-                f"ALPTEmbedding '{name}' needs integer ids. "
-                f"Received: ids of dtype {flat.dtype.name}")
-    ids = tf.cast(flat, tf.int64)
+    ids = integer_ids(flat, f"ALPTEmbedding '{name}'")
     in_range = tf.reduce_all(tf.cast(ids, tf.uint64) < input_dim)
 
     def fail():

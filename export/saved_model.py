@@ -24,6 +24,8 @@ behind.
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 
 import tensorflow as tf
@@ -241,7 +243,8 @@ def export_for_serving(model, base_path, model_name="model", version=None,
         raise ValueError("`model_name` must be a non-empty folder name. "
                          f"Received: model_name={model_name!r}")
     model_dir = os.path.join(base_path, model_name)
-    if version is None:
+    auto_version = version is None
+    if auto_version:
         version = next_version(model_dir)
     version = check_int("version", version, minimum=1)
     final = os.path.join(model_dir, str(version))
@@ -253,7 +256,8 @@ def export_for_serving(model, base_path, model_name="model", version=None,
     variables = serving_variables(model)
     module = _ServingModule(model, signature, variables)
     os.makedirs(model_dir, exist_ok=True)
-    staging = os.path.join(model_dir, f".tmp-{version}-{uuid.uuid4().hex}")
+    remove_dead_staging(model_dir)
+    staging = os.path.join(model_dir, _staging_name(version))
     try:
         tf.saved_model.save(
             module, staging,
@@ -268,11 +272,114 @@ def export_for_serving(model, base_path, model_name="model", version=None,
             from alpt_keras.export.serving_files import write_warmup_requests
 
             write_warmup_requests(staging, warmup_examples, model_name)
-        os.rename(staging, final)
+            replay_warmup_requests(staging)
+        final = _publish(staging, model_dir, version, auto_version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
+
+
+# Staging folders are named `.tmp-<version>-<host>-<pid>-<uuid>`: the next
+# export removes those of dead processes on this host (and, from other hosts
+# or older releases, those untouched for a day).
+_STAGING_PREFIX = ".tmp-"
+_STALE_SECONDS = 24 * 3600
+
+
+def _staging_name(version):
+    host = socket.gethostname().replace("-", "_")
+    return (f"{_STAGING_PREFIX}{version}-{host}-{os.getpid()}-"
+            f"{uuid.uuid4().hex}")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_dead_staging(model_dir):
+    """Removes the staging folders that killed exports left in
+    `model_dir`; returns their names."""
+    removed = []
+    host = socket.gethostname().replace("-", "_")
+    for name in sorted(os.listdir(model_dir)):
+        if not name.startswith(_STAGING_PREFIX):
+            continue
+        path = os.path.join(model_dir, name)
+        parts = name[len(_STAGING_PREFIX):].split("-")
+        if len(parts) == 4 and parts[1] == host and parts[2].isdigit():
+            dead = not _alive(int(parts[2]))
+        else:
+            try:
+                dead = time.time() - os.path.getmtime(path) > _STALE_SECONDS
+            except OSError:  # removed meanwhile
+                continue
+        if dead:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def _publish(staging, model_dir, version, auto_version):
+    """Renames `staging` to its version folder (atomic: TF Serving sees
+    the whole version or none). When another export took that version
+    meanwhile, an automatic version moves to the next free one; an
+    explicit one is a clear error."""
+    for _ in range(100):
+        final = os.path.join(model_dir, str(version))
+        try:
+            if os.path.exists(final):
+                raise FileExistsError(final)
+            os.rename(staging, final)
+            return final
+        except OSError:
+            if not os.path.exists(final):
+                raise
+            if not auto_version:
+                raise ValueError(
+                    f"Version {version} was published by another export "
+                    f"while this one was being written: {final}. Received: "
+                    f"version={version}; choose another or omit `version`."
+                ) from None
+            version = next_version(model_dir)
+    raise RuntimeError(f"Could not find a free version in {model_dir}")
+
+
+def replay_warmup_requests(version_dir):
+    """Runs every warm-up request of `version_dir` through the SavedModel
+    there, as TF Serving does when it loads the version; a request that
+    fails (a missing feature, an out-of-range id) raises `ValueError`
+    quoting the error, so a version TF Serving would refuse to load is
+    never published."""
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from alpt_keras.export.serving_files import WARMUP_FILE
+
+    loaded = tf.saved_model.load(version_dir)
+    path = os.path.join(version_dir, WARMUP_FILE)
+    for number, record in enumerate(tf.data.TFRecordDataset(path), 1):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        request = log.predict_log.request
+        signature = loaded.signatures[request.model_spec.signature_name]
+        try:
+            signature(**{k: tf.constant(tf.make_ndarray(v))
+                         for k, v in request.inputs.items()})
+        except (TypeError, ValueError, tf.errors.OpError) as error:
+            message = getattr(error, "message", None) or str(error)
+            if "assertion failed:" in message:  # the id check's own words
+                message = message.split("assertion failed:", 1)[1]
+                message = message.strip().split("\n", 1)[0]
+                message = message.replace("\\'", "'").replace('\\"', '"')
+            raise ValueError(
+                f"`warmup_examples`: warm-up request {number} fails on the "
+                "exported model, so TF Serving would refuse to load this "
+                f"version. Received: {message.strip()[:500]}") from None
 
 
 def export_size_report(version_dir):

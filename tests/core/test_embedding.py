@@ -32,10 +32,27 @@ def test_dense_ids_shapes_and_values():
     assert not layer.codes.trainable and not layer.step_sizes.trainable
 
 
-def test_float_ids_are_cast_like_keras_embedding():
+def test_whole_float_ids_are_cast_like_keras_embedding():
     layer = ALPTEmbedding(V, D, seed=0)
     out = layer(tf.constant([[1.0, 2.0]]))
     np.testing.assert_array_equal(out.numpy(), _table(layer)[[[1, 2]]])
+
+
+@pytest.mark.parametrize("ids", [[[1.7, 2.0]], [[-0.5, 1.0]],
+                                 [[np.nan, 1.0]]])
+@pytest.mark.parametrize("jit", [False, True])
+def test_non_integer_float_ids_are_refused_not_truncated(ids, jit):
+    layer = ALPTEmbedding(V, D, seed=0)
+    call = tf.function(layer) if jit else layer
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="float ids must be whole numbers"):
+        call(tf.constant(ids, tf.float32))
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64", "bool"])
+def test_a_non_float_layer_dtype_is_refused(dtype):
+    with pytest.raises(ValueError, match=f"Received: dtype={dtype}"):
+        ALPTEmbedding(V, D, dtype=dtype)
 
 
 @pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])

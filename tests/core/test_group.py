@@ -229,6 +229,16 @@ def test_an_id_of_another_table_is_refused_before_any_change():
     assert value(group.codes).tobytes() == codes.tobytes()
 
 
+def test_non_integer_float_ids_are_refused_naming_the_feature():
+    group = ALPTEmbeddingGroup(_tables(CASES["rwada-row-8-int8-1p"]))
+    ok = {"table_a": tf.constant([[1.0, 2.0]]), "table_b": tf.constant([3]),
+          "table_c": tf.constant([[0, 1, 2]])}
+    group(ok)  # whole float ids are fine
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="feature 'table_a'.*must be whole numbers"):
+        group(dict(ok, table_a=tf.constant([[1.0, 2.5]])))
+
+
 def test_tables_that_cannot_share_a_group_are_refused():
     with pytest.raises(ValueError, match="num_bits"):
         ALPTEmbeddingGroup([ALPTEmbedding(10, 4, num_bits=8, name="x"),

@@ -354,3 +354,72 @@ def test_tfrs_ranking_model_exports(tmp_path):
     served = _serve(version_dir, x, tmp_path)
     np.testing.assert_allclose(served["probability"],
                                model(x, training=False).numpy(), atol=1e-6)
+
+
+def test_staging_folders_of_dead_exports_are_removed(tmp_path):
+    """A killed export leaves its staging folder; the next export removes
+    it (its process is dead), but never one of a live export."""
+    model = build_ctr_model(_features(), model="dnn", hidden_units=(8,))
+    model_dir = tmp_path / "ctr"
+    model_dir.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; "
+                           "print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = saved_model_module.socket.gethostname().replace("-", "_")
+    leftovers = {
+        "dead": f".tmp-1-{host}-{dead}-0123abcd",
+        "alive": f".tmp-1-{host}-{os.getpid()}-4567abcd",
+        "old_format": ".tmp-1-89abcdef",
+    }
+    for name in leftovers.values():
+        (model_dir / name).mkdir()
+        (model_dir / name / "saved_model.pb").write_bytes(b"half")
+    old = model_dir / leftovers["old_format"]
+    os.utime(old, (0, 0))  # untouched for decades: stale
+    assert export_for_serving(model, str(tmp_path), "ctr").endswith("ctr/1")
+    assert sorted(os.listdir(model_dir)) == sorted(["1", leftovers["alive"]])
+
+
+def test_an_export_that_loses_the_race_for_a_version_takes_the_next(
+        tmp_path, monkeypatch):
+    """Two exports that both chose version 1: the second to publish moves
+    to version 2 (automatic versions) or gets a clear error (explicit)."""
+    model = build_ctr_model(_features(), model="dnn", hidden_units=(8,))
+    base = str(tmp_path)
+    real_publish = saved_model_module._publish
+
+    def rival_publishes_first(staging, model_dir, version, auto_version):
+        rival = os.path.join(model_dir, str(version))
+        os.makedirs(rival)
+        open(os.path.join(rival, "saved_model.pb"), "w").close()
+        return real_publish(staging, model_dir, version, auto_version)
+
+    monkeypatch.setattr(saved_model_module, "_publish",
+                        rival_publishes_first)
+    assert export_for_serving(model, base, "ctr").endswith("ctr/2")
+    with pytest.raises(ValueError, match="Version 3 was published by "
+                       "another export"):
+        export_for_serving(model, base, "ctr", version=3)
+    assert sorted(os.listdir(tmp_path / "ctr")) == ["1", "2", "3"]
+    assert os.path.getsize(tmp_path / "ctr" / "3" / "saved_model.pb") == 0
+
+
+@pytest.mark.parametrize("case", ["out_of_range", "missing_feature"])
+def test_bad_warmup_examples_are_a_clear_error_and_publish_nothing(
+        tmp_path, case):
+    model = build_ctr_model(_features(), model="dnn", hidden_units=(8,))
+    rows = _inputs(20)
+    if case == "out_of_range":
+        name = sorted(rows)[0]
+        rows[name] = rows[name].copy()
+        rows[name][3] = 10**6
+        match = (r"warm-up request 1 fails.*ids must be in \[0, input_dim\)"
+                 r" of their table.*for feature \"genres\" \(table "
+                 r"\"genre\", input_dim=20\)")
+    else:
+        rows.pop(sorted(rows)[0])
+        match = "warm-up request 1 fails"
+    with pytest.raises(ValueError, match=match):
+        export_for_serving(model, str(tmp_path), "ctr",
+                           warmup_examples=rows)
+    assert os.listdir(tmp_path / "ctr") == []  # no version, no staging
