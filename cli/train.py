@@ -29,6 +29,7 @@ import typing
 
 import numpy as np
 
+from alpt_keras.cli import run_dir
 from alpt_keras.models.features import EMBEDDING_KINDS
 
 DATASETS = ("synthetic", "criteo", "avazu", "movielens")
@@ -522,6 +523,8 @@ def build_model(run, features):
 
 
 LAYOUT_FILE = "alpt_layout.json"
+# The export of a run killed before it finished (reused by its rerun).
+EXPORT_FILE = "export.json"
 
 
 def check_backup_layout(backup, stacked):
@@ -562,11 +565,15 @@ def check_backup_layout(backup, stacked):
 def fit(run, model, data):
     """Step 5: `model.fit` with the run's callbacks; returns the history
     and the training seconds."""
-    from alpt_keras import ALPTMonitor, StopOnSkippedSteps
+    from alpt_keras import ALPTMonitor, StopOnSkippedSteps, _keras
     from alpt_keras.compat import keras
 
     args = run.args
     callbacks = []
+    if run.output_dir and run.is_chief:
+        # First: an epoch is in history.json before its backup exists.
+        callbacks.append(run_dir.epoch_history_callback(run.output_dir,
+                                                        keras))
     if args.output_dir and not run.parameter_server:
         # Not under ParameterServerStrategy: tf_keras documents support,
         # but resuming a PSS run is not tested here; the chief saves a
@@ -577,7 +584,10 @@ def fit(run, model, data):
         if run.is_chief:  # other tasks' temporary files are not backups
             check_backup_layout(backup, args.stack_tables and
                                 args.embedding != "float32")
-        callbacks.append(keras.callbacks.BackupAndRestore(backup))
+        # Kept until the model, report and export are written (`main`
+        # removes it last), so a kill after `fit` never retrains.
+        callbacks.append(run_dir.backup_callback(backup, keras,
+                                                 _keras.IS_KERAS_3))
     callbacks.append(StopOnSkippedSteps(
         args.max_skipped_steps, per_epoch=run.parameter_server))
     callbacks.append(ALPTMonitor())
@@ -629,12 +639,15 @@ def evaluate(run, model, trained, optimizer, data, history, seconds):
     args = run.args
     loss, auc = model.evaluate(data.test, verbose=0)
     epochs_run = list(history.epoch)
+    logs = {k: [float(x) for x in v] for k, v in history.history.items()}
+    if run.output_dir and run.is_chief:
+        # Every epoch, also those of the runs this one resumed.
+        logs, seconds = run_dir.merged_history(run.output_dir, args.epochs)
     report = {
         "config": {k: v for k, v in vars(args).items()},
         "data": data.info,
         "metrics": {"test_auc": float(auc), "test_logloss": float(loss)},
-        "history": {k: [float(x) for x in v]
-                    for k, v in history.history.items()},
+        "history": logs,
         "epochs_completed": args.epochs,
         "replicas": run.strategy.num_replicas_in_sync if run.strategy
         else 1,
@@ -674,11 +687,22 @@ def export(run, model, test, report):
         export_size_report,
     )
 
-    features, _ = next(iter(test))
-    warmup = {k: np.asarray(v)[:256] for k, v in features.items()}
-    version_dir = export_for_serving(model, run.args.export_dir,
-                                     run.args.model_name,
-                                     warmup_examples=warmup)
+    done = os.path.join(run.output_dir, EXPORT_FILE) if run.output_dir \
+        else None
+    version_dir = None
+    if done and os.path.exists(done):  # a resumed run exported already
+        with open(done, encoding="utf-8") as f:
+            version_dir = json.load(f)["path"]
+        if not os.path.isdir(version_dir):
+            version_dir = None
+    if version_dir is None:
+        features, _ = next(iter(test))
+        warmup = {k: np.asarray(v)[:256] for k, v in features.items()}
+        version_dir = export_for_serving(model, run.args.export_dir,
+                                         run.args.model_name,
+                                         warmup_examples=warmup)
+        if done:
+            run_dir.write_json(done, {"path": version_dir})
     size = export_size_report(version_dir)
     print_size_report(size)
     print(f"exported {version_dir}")
@@ -694,14 +718,16 @@ def save(run, model, report):
     output_dir = run.output_dir
     model_dir = output_dir if run.is_chief else tempfile.mkdtemp(
         dir=output_dir)
-    model.save_weights(os.path.join(model_dir, "model.weights.h5"))
-    model.save(os.path.join(model_dir, "model.keras"))
+    with run_dir.atomic_file(
+            os.path.join(model_dir, "model.weights.h5")) as tmp:
+        model.save_weights(tmp)
+    run_dir.fault_point("during_save")
+    with run_dir.atomic_file(os.path.join(model_dir, "model.keras")) as tmp:
+        model.save(tmp)
     if not run.is_chief:
         shutil.rmtree(model_dir, ignore_errors=True)
     path = os.path.join(output_dir, "report.json")
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    os.replace(f"{path}.tmp", path)
+    run_dir.write_json(path, report)
     print(f"wrote {path}")
 
 
@@ -714,6 +740,16 @@ def main(argv=None):
             cluster["task_type"] != "chief":
         return _serve_task(cluster)
     run = setup(args, cluster)
+    if run.output_dir and run.is_chief:
+        from alpt_keras import IS_KERAS_3
+
+        try:
+            run_dir.lock(run.output_dir)
+            run_dir.remove_temporaries(run.output_dir)
+            run_dir.check_fingerprint(run.output_dir, run_dir.fingerprint(
+                args, "keras3" if IS_KERAS_3 else "tf_keras"))
+        except run_dir.OutputDirError as error:
+            _fail(str(error))
     data = load_data(run)
     model, optimizer = build_model(run, data.features)
     from alpt_keras import NonFiniteStepsError
@@ -724,6 +760,7 @@ def main(argv=None):
         print(f"alpt-train: {e} Nothing was saved or exported; the resume "
               "backup (if any) is kept.", file=sys.stderr)
         return 1
+    run_dir.fault_point("after_fit")
     trained = model
     if run.parameter_server:
         model = gather_from_parameter_servers(run, model, optimizer,
@@ -738,9 +775,23 @@ def main(argv=None):
                       seconds)
     if args.export_dir and run.is_chief:
         export(run, model, data.test, report)
+        run_dir.fault_point("after_export")
     if run.output_dir:
         save(run, model, report)
+        if run.is_chief:
+            finish(run)
     return 0
+
+
+def finish(run):
+    """Step 9: everything is written; drop the resume state (backup, epoch
+    history, export marker) so the next run into this folder starts
+    fresh."""
+    shutil.rmtree(os.path.join(run.output_dir, "backup"), ignore_errors=True)
+    for name in (run_dir.HISTORY_FILE, EXPORT_FILE):
+        path = os.path.join(run.output_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
 
 
 if __name__ == "__main__":
