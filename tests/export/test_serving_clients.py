@@ -186,3 +186,51 @@ def test_rest_client_malformed_replies_are_serving_errors(canned_server,
     client = RestPredictClient(canned_server, model, timeout=5)
     with pytest.raises(ServingError, match=message):
         client.predict(_rows(2), form=form)
+
+
+@pytest.mark.parametrize("case", ["invalid_dtype", "truncated_content"])
+def test_grpc_client_non_tensor_output_is_a_serving_error(case):
+    """A reply whose output does not decode to an array (no valid dtype,
+    or content shorter than its shape) is a `ServingError` naming the
+    model, not a raw `TypeError`/`ValueError` from protobuf decoding."""
+    from concurrent import futures
+
+    import grpc
+    from tensorflow.core.framework import (
+        tensor_pb2,
+        tensor_shape_pb2,
+        types_pb2,
+    )
+    from tensorflow_serving.apis import (
+        predict_pb2,
+        prediction_service_pb2_grpc,
+    )
+
+    if case == "invalid_dtype":
+        bad = tensor_pb2.TensorProto(dtype=0)
+    else:
+        bad = tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_FLOAT,
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(
+                dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=3)]),
+            tensor_content=b"\x00\x01")
+
+    class Broken(prediction_service_pb2_grpc.PredictionServiceServicer):
+        def Predict(self, request, context):
+            response = predict_pb2.PredictResponse()
+            response.outputs["probability"].CopyFrom(bad)
+            return response
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        Broken(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with GrpcPredictClient(f"127.0.0.1:{port}", "ctr",
+                               timeout=10) as client:
+            with pytest.raises(ServingError, match="reply for model 'ctr' "
+                               "holds an output that is not a tensor"):
+                client.predict(_rows(2))
+    finally:
+        server.stop(grace=None)
