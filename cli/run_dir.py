@@ -80,12 +80,14 @@ def fingerprint(args, keras_flavour):
     return json.loads(json.dumps(settings))
 
 
-def check_fingerprint(directory, settings):
-    """Records `settings` in a new run directory; in one that holds a run
-    already, raises `OutputDirError` naming the settings that differ."""
+def check_fingerprint(directory, settings, record=True):
+    """In a directory that holds a run already, raises `OutputDirError`
+    naming the settings that differ; in a new one, records `settings`
+    (if `record`)."""
     path = os.path.join(directory, RUN_FILE)
     if not os.path.exists(path):
-        write_json(path, settings)
+        if record:
+            write_json(path, settings)
         return
     with open(path, encoding="utf-8") as f:
         recorded = json.load(f)

@@ -740,17 +740,27 @@ def main(argv=None):
             cluster["task_type"] != "chief":
         return _serve_task(cluster)
     run = setup(args, cluster)
-    if run.output_dir and run.is_chief:
+    guarded = run.output_dir and run.is_chief
+    if guarded:
         from alpt_keras import IS_KERAS_3
 
+        fresh = not os.path.exists(run.output_dir)
+        settings = run_dir.fingerprint(
+            args, "keras3" if IS_KERAS_3 else "tf_keras")
         try:
             run_dir.lock(run.output_dir)
             run_dir.remove_temporaries(run.output_dir)
-            run_dir.check_fingerprint(run.output_dir, run_dir.fingerprint(
-                args, "keras3" if IS_KERAS_3 else "tf_keras"))
+            run_dir.check_fingerprint(run.output_dir, settings, record=False)
         except run_dir.OutputDirError as error:
             _fail(str(error))
-    data = load_data(run)
+    try:
+        data = load_data(run)
+    except SystemExit:
+        if guarded and fresh:  # bad data: leave nothing behind
+            shutil.rmtree(run.output_dir, ignore_errors=True)
+        raise
+    if guarded:  # recorded once the data is known to be usable
+        run_dir.check_fingerprint(run.output_dir, settings)
     model, optimizer = build_model(run, data.features)
     from alpt_keras import NonFiniteStepsError
 
