@@ -35,16 +35,38 @@ from alpt_keras.models.features import EMBEDDING_KINDS
 DATASETS = ("synthetic", "criteo", "avazu", "movielens")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a user error as one line on stderr (exit status 2)
+    instead of the usage block plus the error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def _formatter(prog):
+    # A fixed width, so `--help` (and README's copy of its usage) does not
+    # depend on the terminal.
+    return argparse.ArgumentDefaultsHelpFormatter(prog, width=79)
+
+
 def _parser():
-    p = argparse.ArgumentParser(
-        prog="alpt-train",
+    from alpt_keras.models.ctr_models import SUPPORTED_MODELS
+    from alpt_keras.update import STEP_SIZE_RULES, TABLE_RULES
+
+    p = _Parser(
+        prog="alpt-train", formatter_class=_formatter,
         description="Train a CTR model with low-precision (ALPT) tables.")
-    p.add_argument("--dataset", choices=DATASETS, default="synthetic")
-    p.add_argument("--data-path", help="Criteo TSV or Avazu CSV file.")
-    p.add_argument("--model", default="dnn",
-                   help="dnn, dcn, deepfm, ipnn, dlrm or wide_deep.")
-    p.add_argument("--embedding", choices=EMBEDDING_KINDS, default="alpt")
-    p.add_argument("--bits", type=int, default=8)
+    p.add_argument("--dataset", choices=DATASETS, default="synthetic",
+                   help="Training data.")
+    p.add_argument("--data-path",
+                   metavar="FILE",
+                   help="Criteo TSV or Avazu CSV file (plain or gzip).")
+    p.add_argument("--model", choices=SUPPORTED_MODELS, default="dnn",
+                   help="CTR model.")
+    p.add_argument("--embedding", choices=EMBEDDING_KINDS, default="alpt",
+                   help="Table kind: float32, plain low precision, ALPT.")
+    p.add_argument("--bits", type=int, choices=range(2, 9), default=8,
+                   metavar="{2..8}", help="Bits per code (LPT, ALPT).")
     p.add_argument("--storage", choices=("auto", "int8", "packed"),
                    default="auto",
                    help="ALPT codes as int8 or bit-packed into int32 words "
@@ -55,49 +77,76 @@ def _parser():
                    default=True,
                    help="Stack ALPT tables with the same settings into one "
                         "physical table each (one lookup and one update "
-                        "chain per group; the same numbers). Default: on.")
+                        "chain per group; the same numbers).")
     p.add_argument("--rounding", choices=("stochastic", "deterministic"),
-                   default="stochastic")
-    p.add_argument("--step-size", choices=("row", "table"), default="row")
-    p.add_argument("--embedding-dim", type=int, default=16)
-    p.add_argument("--embedding-optimizer", default="rowwise_adagrad")
-    p.add_argument("--step-size-optimizer", default="rowwise")
+                   default="stochastic", help="Rounding of the codes.")
+    p.add_argument("--step-size", choices=("row", "table"), default="row",
+                   help="One step size per row or per table.")
+    p.add_argument("--embedding-dim", type=int, default=16,
+                   metavar="N",
+                   help="Width of every table.")
+    p.add_argument("--embedding-optimizer", choices=tuple(TABLE_RULES),
+                   default="rowwise_adagrad", help="Table optimizer.")
+    p.add_argument("--step-size-optimizer", choices=tuple(STEP_SIZE_RULES),
+                   default="rowwise", help="Step-size rule.")
     p.add_argument("--learning-rate", type=float, default=1e-3,
+                   metavar="LR",
                    help="Adam learning rate of the dense layers.")
-    p.add_argument("--embedding-learning-rate", type=float, default=None)
-    p.add_argument("--step-size-learning-rate", type=float, default=None)
+    p.add_argument("--embedding-learning-rate", type=float, default=None,
+                   metavar="LR",
+                   help="Table learning rate (None: the rule's default).")
+    p.add_argument("--step-size-learning-rate", type=float, default=None,
+                   metavar="LR",
+                   help="Step-size learning rate (None: the rule's "
+                        "default).")
     p.add_argument("--hidden-units", default="256,128",
+                   metavar="UNITS",
                    help="MLP widths, comma-separated.")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--epochs", type=int, default=1, metavar="N",
+                   help="Training epochs.")
+    p.add_argument("--batch-size", type=int, default=2048,
+                   metavar="N",
+                   help="Examples per step.")
     p.add_argument("--num-examples", type=int, default=500_000,
-                   help="Size of the synthetic data set.")
+                   metavar="N",
+                   help="Synthetic: size of the data set (>= 100).")
     p.add_argument("--num-fields", type=int, default=26,
+                   metavar="N",
                    help="Synthetic: categorical fields.")
     p.add_argument("--vocab-size", type=int, default=None,
-                   help="Synthetic: ids per field (default: Criteo-like "
+                   metavar="N",
+                   help="Synthetic: ids per field (None: Criteo-like "
                         "sizes from 10 to ~30,000).")
     p.add_argument("--zipf-exponent", type=float, default=1.2,
+                   metavar="A",
                    help="Synthetic: power-law exponent of id frequencies "
                         "(0 = uniform ids).")
     p.add_argument("--min-count", type=int, default=2,
+                   metavar="N",
                    help="Rarer values map to one OOV id per field.")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="Seed of the run.")
     p.add_argument("--devices", type=int, default=1,
+                   metavar="N",
                    help="MirroredStrategy replicas (GPUs, else CPU parts).")
     p.add_argument("--output-dir", default=None,
+                   metavar="DIR",
                    help="report.json, weights, vocabulary, resume backup.")
     p.add_argument("--export-dir", default=None,
+                   metavar="DIR",
                    help="Also export for TF Serving under this base path.")
     p.add_argument("--model-name", default="ctr",
+                   metavar="NAME",
                    help="Folder name under --export-dir.")
     p.add_argument("--tensorboard", action="store_true",
                    help="Write TensorBoard logs under --output-dir.")
     p.add_argument("--max-skipped-steps", type=int, default=10,
+                   metavar="N",
                    help="Stop with an error after this many consecutive "
                         "steps skipped for NaN/Inf gradients.")
-    p.add_argument("--verbose", type=int, default=None,
-                   help="Keras verbosity (default: progress bar on a tty).")
+    p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None,
+                   help="Keras verbosity (None: progress bar on a tty, "
+                        "else one line per epoch).")
     return p
 
 
@@ -107,28 +156,68 @@ def _fail(message):
     raise SystemExit(2)
 
 
+# Synthetic runs need every split (8:1:1) to hold examples.
+MIN_SYNTHETIC_EXAMPLES = 100
+
+
 def _check(args):
-    if args.dataset in ("criteo", "avazu") and not args.data_path:
-        raise SystemExit(f"alpt-train: --dataset {args.dataset} needs "
-                         "--data-path (the file is not downloadable here).")
+    """Every flag checked before any data is built (`_fail`: one line,
+    exit status 2)."""
+    if args.dataset in ("criteo", "avazu"):
+        if not args.data_path:
+            _fail(f"--dataset {args.dataset} needs --data-path (the file is "
+                  "not downloadable here).")
+        if not os.path.isfile(args.data_path):
+            what = "a directory" if os.path.isdir(args.data_path) else \
+                "not found"
+            _fail(f"--data-path must be an existing file. Received: "
+                  f"{args.data_path} ({what})")
+    elif args.data_path:
+        _fail(f"--data-path does not apply to --dataset {args.dataset} "
+              f"(only criteo and avazu read a file). Received: "
+              f"--data-path {args.data_path}")
     for name in ("epochs", "batch_size", "num_examples", "devices",
-                 "embedding_dim", "num_fields", "max_skipped_steps"):
+                 "embedding_dim", "num_fields", "max_skipped_steps",
+                 "min_count"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"alpt-train: --{name.replace('_', '-')} must "
-                             f"be >= 1. Received: {getattr(args, name)}")
+            _fail(f"--{name.replace('_', '-')} must be >= 1. Received: "
+                  f"{getattr(args, name)}")
+    if args.dataset == "synthetic" and \
+            args.num_examples < MIN_SYNTHETIC_EXAMPLES:
+        _fail(f"--num-examples must be >= {MIN_SYNTHETIC_EXAMPLES} (the "
+              "8:1:1 split needs examples in every split). Received: "
+              f"{args.num_examples}")
+    for name in ("learning_rate", "embedding_learning_rate",
+                 "step_size_learning_rate"):
+        value = getattr(args, name)
+        if value is not None and not (0 < value < float("inf")):
+            _fail(f"--{name.replace('_', '-')} must be a finite number > 0."
+                  f" Received: {value}")
     if args.vocab_size is not None and args.vocab_size < 2:
-        raise SystemExit("alpt-train: --vocab-size must be >= 2. "
-                         f"Received: {args.vocab_size}")
+        _fail(f"--vocab-size must be >= 2. Received: {args.vocab_size}")
     if args.zipf_exponent and args.zipf_exponent <= 1:
-        raise SystemExit("alpt-train: --zipf-exponent must be 0 (uniform) "
-                         f"or > 1. Received: {args.zipf_exponent}")
+        _fail("--zipf-exponent must be 0 (uniform) or > 1. Received: "
+              f"{args.zipf_exponent}")
+    if args.embedding == "float32" and args.storage == "packed":
+        _fail("--storage packed does not apply to --embedding float32 "
+              "(float tables have no codes). Received: --storage packed")
+    for name in ("output_dir", "export_dir"):
+        path = getattr(args, name)
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            _fail(f"--{name.replace('_', '-')} must be a directory. "
+                  f"Received: {path} (a file)")
+    if args.tensorboard and not args.output_dir:
+        _fail("--tensorboard writes its logs under --output-dir; give one. "
+              "Received: --tensorboard without --output-dir")
     try:
         args.hidden_units = [int(u) for u in args.hidden_units.split(",")
                              if u]
     except ValueError:
-        raise SystemExit("alpt-train: --hidden-units must be integers "
-                         f"separated by commas. Received: "
-                         f"{args.hidden_units!r}") from None
+        _fail("--hidden-units must be integers separated by commas. "
+              f"Received: {args.hidden_units!r}")
+    if not args.hidden_units or min(args.hidden_units) < 1:
+        _fail("--hidden-units must be positive integers separated by "
+              f"commas. Received: {','.join(map(str, args.hidden_units))}")
 
 
 def cluster_from_env(environ=None):
