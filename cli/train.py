@@ -71,8 +71,9 @@ def _parser():
                    default="auto",
                    help="ALPT codes as int8 or bit-packed into int32 words "
                         "(4-bit tables take half the bytes of 8-bit ones). "
-                        "auto: packed in a multi-worker cluster (whose "
-                        "collectives refuse int8), else int8.")
+                        "auto: packed below 8 bits and in a multi-worker "
+                        "cluster (whose collectives refuse int8), else "
+                        "int8.")
     p.add_argument("--stack-tables", action=argparse.BooleanOptionalAction,
                    default=True,
                    help="Stack ALPT tables with the same settings into one "
@@ -551,8 +552,11 @@ def setup(args, cluster):
     else:
         strategy = _setup_devices(args.devices)
     if args.storage == "auto":
+        # Packed where it saves bytes (sub-8-bit codes) or where int8
+        # cannot go (multi-worker collectives).
         multi_worker = cluster is not None and not parameter_server
-        args.storage = "packed" if multi_worker else "int8"
+        args.storage = "packed" if multi_worker or (
+            args.bits < 8 and args.embedding != "float32") else "int8"
     output_dir = args.output_dir
     if output_dir and cluster is not None and not cluster["is_chief"]:
         # Other workers report (for the consistency check) but leave the
@@ -760,7 +764,9 @@ def evaluate(run, model, trained, optimizer, data, history, seconds):
         print(f"hidden click model on the test split: AUC "
               f"{info['hidden_model_test']['auc']:.4f}  logloss "
               f"{info['hidden_model_test']['logloss']:.4f}")
-    print(f"tables {b['tables']:,} B + optimizer state "
+    codes = "" if args.embedding == "float32" else \
+        f" ({args.bits}-bit codes, {args.storage} storage)"
+    print(f"tables{codes} {b['tables']:,} B + optimizer state "
           f"{b['optimizer_state']:,} B  vs  float32 {b['float32_tables']:,}"
           f" B + Adam {b['float32_adam_state']:,} B  "
           f"({ratio:.3f}x)")

@@ -284,3 +284,29 @@ def test_malformed_lines_are_reported_on_the_console(tmp_path):
         _load_data(args, dict(embedding_dim=4))
     assert ("alpt-train: skipped 1 malformed line(s) of 201 (line 8: "
             "expected 40 tab-separated columns, found 4)") in err.getvalue()
+
+
+def test_sub_8_bit_tables_are_packed_by_default(tmp_path):
+    """`--storage auto` packs codes below 8 bits: a 4-bit run's codes take
+    half the bytes of an 8-bit run's (Δ, one float per row, is the same),
+    and the size line names the storage."""
+    tiny = ["--num-examples", "3000", "--num-fields", "3", "--vocab-size",
+            "64", "--embedding-dim", "16", "--hidden-units", "8",
+            "--batch-size", "256", "--verbose", "0"]
+    reports, lines = {}, {}
+    for bits in (8, 4):
+        out = str(tmp_path / f"b{bits}")
+        proc = _run(tiny + ["--bits", str(bits), "--output-dir", out])
+        lines[bits] = [x for x in proc.stdout.splitlines()
+                       if x.startswith("tables")][0]
+        reports[bits] = _report(out)
+    assert reports[8]["config"]["storage"] == "int8"
+    assert reports[4]["config"]["storage"] == "packed"
+    assert "(8-bit codes, int8 storage)" in lines[8]
+    assert "(4-bit codes, packed storage)" in lines[4]
+    codes8 = reports[8]["bytes"]["tables"]
+    codes4 = reports[4]["bytes"]["tables"]
+    rows = 2 * (codes8 - codes4) // 16  # the difference is V·D/2 bytes
+    assert 0 < rows <= 3 * 64
+    assert codes8 == rows * 16 + rows * 4  # 1 B per code + float Δ per row
+    assert codes4 == rows * 16 // 2 + rows * 4  # half a byte per code
