@@ -40,3 +40,7 @@ __all__ = [
     "two_pass",
     "update",
 ]
+
+# The model layers (`FeatureEmbedding`, `MLP`, ...) register with Keras when
+# imported, so `keras.models.load_model` works after `import alpt_keras`.
+from alpt_keras import models  # noqa: E402, F401

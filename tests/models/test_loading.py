@@ -143,3 +143,31 @@ def test_load_weights_loads_a_file_that_fits(tmp_path):
     alpt_keras.load_weights(target, path)
     np.testing.assert_array_equal(target.predict(x, verbose=0),
                                   source.predict(x, verbose=0))
+
+
+def test_load_model_after_import_alpt_keras_alone(tmp_path):
+    """A saved CTR model loads in a process that only ran `import
+    alpt_keras` (the model layers register on that import)."""
+    import subprocess
+    import sys
+
+    model = _model(8, True)
+    path = str(tmp_path / "m.keras")
+    _saved(tmp_path, model)
+    model.save(path)
+    x = _data()[0]
+    want = model.predict(x, verbose=0)
+    np.savez(tmp_path / "x.npz", **x)
+    script = (
+        "import sys, numpy as np\n"
+        "import alpt_keras\n"
+        "from alpt_keras.compat import keras\n"
+        "m = keras.models.load_model(sys.argv[1])\n"
+        "x = dict(np.load(sys.argv[2]))\n"
+        "np.save(sys.argv[3], m.predict(x, verbose=0))\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", script, path, str(tmp_path / "x.npz"),
+         str(tmp_path / "p.npy")], capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), want)
