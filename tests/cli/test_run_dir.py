@@ -74,9 +74,11 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
     proc = _train(TINY + ["--output-dir", out, "--bits", "4"])
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
+    # --storage auto resolves to packed below 8 bits: both are named.
     assert last.startswith(f"alpt-train: --output-dir {out} holds a run "
                            "with other settings: --bits 8 (there) vs 4 "
-                           "(now). Rerun with its settings"), last
+                           "(now), --storage int8 (there) vs packed (now). "
+                           "Rerun with its settings"), last
     assert "Traceback" not in proc.stderr
     # --epochs and output-only flags do not change what a run computes.
     proc = _train(TINY + ["--output-dir", out, "--epochs", "3"])
