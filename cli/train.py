@@ -662,9 +662,13 @@ def fit(run, model, data):
     from alpt_keras.compat import keras
 
     args = run.args
-    callbacks = []
+    # In this order at each epoch end: the monitor adds its figures to the
+    # logs, then history.json records them, then the backup is written (an
+    # epoch is in the history before its backup exists).
+    callbacks = [StopOnSkippedSteps(args.max_skipped_steps,
+                                    per_epoch=run.parameter_server),
+                 ALPTMonitor()]
     if run.output_dir and run.is_chief:
-        # First: an epoch is in history.json before its backup exists.
         callbacks.append(run_dir.epoch_history_callback(run.output_dir,
                                                         keras))
     if args.output_dir and not run.parameter_server:
@@ -681,9 +685,6 @@ def fit(run, model, data):
         # removes it last), so a kill after `fit` never retrains.
         callbacks.append(run_dir.backup_callback(backup, keras,
                                                  _keras.IS_KERAS_3))
-    callbacks.append(StopOnSkippedSteps(
-        args.max_skipped_steps, per_epoch=run.parameter_server))
-    callbacks.append(ALPTMonitor())
     if args.tensorboard and args.output_dir:
         callbacks.append(keras.callbacks.TensorBoard(
             os.path.join(args.output_dir, "tensorboard")))
