@@ -30,6 +30,8 @@ setup(
         "tensorflow-serving-api==2.21.0",
         # Keras 3 cross/dot interaction layers (TFRS serves tf_keras).
         "keras-rs==0.4.0",
+        # alpt-train --tensorboard (TensorFlow no longer depends on it).
+        "tensorboard==2.21.0",
         "numpy>=1.26,<2.5",
     ],
     extras_require={
@@ -45,6 +47,7 @@ setup(
     entry_points={"console_scripts": [
         "alpt-train=alpt_keras.cli:main",
         "alpt-export=alpt_keras.export.cli:main",
+        "alpt-evaluate=alpt_keras.cli.evaluate:main",
     ]},
     license="Apache-2.0",
 )

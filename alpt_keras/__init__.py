@@ -5,20 +5,26 @@ The Keras flavour (Keras 3 or tf_keras) is chosen once, at import, from what
 TensorFlow to use tf_keras (needed by TensorFlow Recommenders).
 """
 
-from alpt_keras import quantizers, update
-from alpt_keras._keras import IS_KERAS_3
-from alpt_keras.callbacks import (
+from alpt_keras import _startup
+
+# Only in the command-line tools: TensorFlow's start-up lines are caught
+# (`alpt_keras._startup`). Before anything below imports TensorFlow.
+_startup.quiet_tensorflow_import()
+
+from alpt_keras import quantizers, update  # noqa: E402
+from alpt_keras._keras import IS_KERAS_3  # noqa: E402
+from alpt_keras.callbacks import (  # noqa: E402
     ALPTMonitor,
     NonFiniteStepsError,
     StopOnSkippedSteps,
 )
-from alpt_keras.embedding import ALPTEmbedding
-from alpt_keras.group import ALPTEmbeddingGroup
-from alpt_keras.optimizer import ALPTOptimizer
-from alpt_keras.saving import load_weights
-from alpt_keras.sharding import RowPartitioner
-from alpt_keras.table import TableState, tables
-from alpt_keras.two_pass import TwoPassTrainStep, step_size_pass, two_pass
+from alpt_keras.embedding import ALPTEmbedding  # noqa: E402
+from alpt_keras.group import ALPTEmbeddingGroup  # noqa: E402
+from alpt_keras.optimizer import ALPTOptimizer  # noqa: E402
+from alpt_keras.saving import load_weights  # noqa: E402
+from alpt_keras.sharding import RowPartitioner  # noqa: E402
+from alpt_keras.table import TableState, tables  # noqa: E402
+from alpt_keras.two_pass import TwoPassTrainStep, step_size_pass, two_pass  # noqa: E402
 
 __version__ = "0.1.0"
 

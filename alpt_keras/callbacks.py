@@ -14,12 +14,13 @@ keras = _keras.keras
 class ALPTMonitor(keras.callbacks.Callback):
     """Adds ALPT figures to the epoch logs (History, CSVLogger, TensorBoard).
 
-    Over all tables: `alpt/step_size_mean` (mean Δ over every step size),
-    `alpt/saturated` (share of all codes at either end of the range, i.e.
-    clipped) and `alpt_skipped_steps` (steps `ALPTOptimizer` skipped whole
-    because a gradient was NaN/Inf; also logged under its first name,
-    `alpt_skipped_table_updates`). With `per_table=True`,
-    also `<table>/step_size_mean`, `_min`, `_max` and `<table>/saturated`.
+    Over all tables: `alpt/step_size_mean`, `_min` and `_max` (over every
+    step size Δ), `alpt/saturated` (share of all codes at either end of
+    the range, i.e. clipped) and `alpt_skipped_steps` (steps
+    `ALPTOptimizer` skipped whole because a gradient was NaN/Inf; also
+    logged under its first name, `alpt_skipped_table_updates`). With
+    `per_table=True`, also `<table>/step_size_mean`, `_min`, `_max` and
+    `<table>/saturated`.
 
     Reads whole tables, once per epoch (never per step).
 
@@ -67,8 +68,10 @@ class ALPTMonitor(keras.callbacks.Callback):
                 out[f"{table.name}/step_size_max"] = float(steps.max())
                 out[f"{table.name}/saturated"] = clipped / codes.size
         if seen:
-            out["alpt/step_size_mean"] = float(
-                np.concatenate(steps_all).mean())
+            steps_all = np.concatenate(steps_all)
+            out["alpt/step_size_mean"] = float(steps_all.mean())
+            out["alpt/step_size_min"] = float(steps_all.min())
+            out["alpt/step_size_max"] = float(steps_all.max())
             out["alpt/saturated"] = saturated / codes_count
         return out
 

@@ -24,7 +24,12 @@ from alpt_keras.embedding import (
     check_storage_for_strategy,
     initial_state,
 )
-from alpt_keras.table import check_float_dtype, combine, integer_ids
+from alpt_keras.table import (
+    check_float_dtype,
+    combine,
+    fail_check,
+    integer_ids,
+)
 from alpt_keras.update import GroupSpec
 from alpt_keras.update.table_spec import SHARED_SETTINGS
 
@@ -315,7 +320,7 @@ class ALPTEmbeddingGroup(PhysicalTable):
                                        tf.int64), table),
                  tf.boolean_mask(local, bad)[:10]],
                 summarize=10)
-            check = tf.debugging.Assert(False, [message])
+            check = fail_check([message])
             with tf.control_dependencies([check]):
                 return tf.identity(local)
 

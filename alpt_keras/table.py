@@ -45,6 +45,24 @@ def combine(sums, counts, combiner):
     return sums / tf.sqrt(counts)
 
 
+def fail_check(data, condition=False):
+    """A graph-mode check that raises `InvalidArgumentError` with `data`
+    (strings and tensors, up to 10 values each) when `condition` is false.
+
+    The raw `Assert` op, not `tf.debugging.Assert`: the latter wraps the op
+    in its own `cond` (`AssertGuard`), whose `Merge` node makes Grappler's
+    loop optimizer warn ("Skipping loop optimization for Merge node with
+    control input") on every traced `fit` and `predict`. Callers put it in
+    the failing branch of their own `tf.cond`, so it costs nothing when the
+    ids are valid.
+    """
+    if tf.executing_eagerly():  # no graph here: the readable eager error
+        return tf.debugging.Assert(condition, data, summarize=10)
+    return tf.raw_ops.Assert(
+        condition=tf.convert_to_tensor(condition, tf.bool),
+        data=[tf.convert_to_tensor(x) for x in data], summarize=10)
+
+
 def integer_ids(flat, owner):
     """int64 ids of `flat`: integers are cast; floats only if every value
     is a whole number (checked in the graph; `1.7` or NaN fails with
@@ -59,10 +77,10 @@ def integer_ids(flat, owner):
 
     def fail():
         bad = tf.not_equal(flat, tf.round(flat))
-        check = tf.debugging.Assert(False, [
+        check = fail_check([
             f"{owner} needs integer ids; float ids must be whole numbers "
             "(they are never truncated). Received non-integer ids "
-            "(first 10):", tf.boolean_mask(flat, bad)[:10]], summarize=10)
+            "(first 10):", tf.boolean_mask(flat, bad)[:10]])
         with tf.control_dependencies([check]):
             return tf.identity(flat)
 
@@ -95,16 +113,10 @@ def checked_ids(flat, input_dim, name):
 
     def fail():
         bad = tf.logical_or(ids < 0, ids >= input_dim)
-        check = tf.debugging.Assert(
-            False,
-            [
-                f"ALPT table '{name}': ids must be in "
-                f"[0, input_dim={input_dim}). Received out-of-range "
-                "ids (first 10):",
-                tf.boolean_mask(ids, bad)[:10],
-            ],
-            summarize=10,
-        )
+        check = fail_check([
+            f"ALPT table '{name}': ids must be in [0, input_dim={input_dim})."
+            " Received out-of-range ids (first 10):",
+            tf.boolean_mask(ids, bad)[:10]])
         with tf.control_dependencies([check]):
             return tf.identity(ids)
 

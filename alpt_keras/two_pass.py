@@ -27,7 +27,7 @@ import tensorflow as tf
 
 from alpt_keras import _keras
 from alpt_keras._scopes import current, scoped
-from alpt_keras.table import find_table
+from alpt_keras.table import fail_check, find_table
 
 keras = _keras.keras
 
@@ -238,10 +238,10 @@ class TwoPassOptimizerMixin:
                 lambda ids=ids, first=first: tf.reduce_all(
                     tf.equal(ids, first.ids)),
                 lambda: tf.constant(False))
-            check = tf.debugging.Assert(same, [
+            check = fail_check([
                 f"ALPTOptimizer: the second pass must look up the same ids "
                 f"as the first in table '{first.table.name}'. Received ids:",
-                ids], summarize=10)
+                ids], condition=same)
             with tf.control_dependencies([check]):
                 grads = tf.math.unsorted_segment_sum(
                     values, first.positions, tf.shape(first.unique_ids)[0])

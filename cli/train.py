@@ -6,10 +6,11 @@
 
 Trains on the chosen data set (the built-in synthetic CTR data by default),
 evaluates on the test split and prints the metrics next to the bytes of the
-tables and their optimizer state (and of their float32 equivalent). With
-`--output-dir` it writes `report.json`, the final weights and the
-vocabulary, and keeps a `BackupAndRestore` backup: rerunning the same
-command resumes from the last finished epoch.
+tables and their optimizer state (and of their float32 equivalent). It
+writes `report.json`, the model, the final weights and the vocabulary to
+`--output-dir` (by default a new `runs/...` folder), and keeps a
+`BackupAndRestore` backup there: rerunning the same command with that
+`--output-dir` resumes from the last finished epoch.
 
 The steps of `main`: parse and check the flags, pick the strategy, load
 the data, build the model, fit, evaluate, export, save. This package (the
@@ -132,7 +133,12 @@ def _parser():
                    help="MirroredStrategy replicas (GPUs, else CPU parts).")
     p.add_argument("--output-dir", default=None,
                    metavar="DIR",
-                   help="report.json, weights, vocabulary, resume backup.")
+                   help="report.json, model, weights, vocabulary and the "
+                        "resume backup; rerunning with the same DIR "
+                        "resumes a killed run. None: a new "
+                        "runs/<dataset>-<model>-<embedding><bits>-<time>/ "
+                        "(a single process; a cluster saves only with "
+                        "--output-dir).")
     p.add_argument("--export-dir", default=None,
                    metavar="DIR",
                    help="Also export for TF Serving under this base path.")
@@ -147,7 +153,10 @@ def _parser():
                         "steps skipped for NaN/Inf gradients.")
     p.add_argument("--verbose", type=int, choices=(0, 1, 2), default=None,
                    help="Keras verbosity (None: progress bar on a tty, "
-                        "else one line per epoch).")
+                        "else one line per epoch). 1 or 2 also shows "
+                        "TensorFlow's start-up log lines, hidden by "
+                        "default; set TF_CPP_MIN_LOG_LEVEL=0 for all of "
+                        "its C++ logs.")
     return p
 
 
@@ -207,9 +216,6 @@ def _check(args):
         if path and os.path.exists(path) and not os.path.isdir(path):
             _fail(f"--{name.replace('_', '-')} must be a directory. "
                   f"Received: {path} (a file)")
-    if args.tensorboard and not args.output_dir:
-        _fail("--tensorboard writes its logs under --output-dir; give one. "
-              "Received: --tensorboard without --output-dir")
     try:
         args.hidden_units = [int(u) for u in args.hidden_units.split(",")
                              if u]
@@ -375,6 +381,27 @@ def shard_layout(model, optimizer):
     return layout
 
 
+RUNS_DIR = "runs"
+
+
+def new_run_dir(args):
+    """Creates and returns `runs/<dataset>-<model>-<embedding><bits>-<time>`
+    (relative to the working directory; `-2`, `-3`... if two runs start in
+    the same second)."""
+    kind = "float32" if args.embedding == "float32" else \
+        f"{args.embedding}{args.bits}"
+    base = os.path.join(RUNS_DIR, f"{args.dataset}-{args.model}-{kind}-"
+                        f"{time.strftime('%Y%m%d-%H%M%S')}")
+    path, n = base, 1
+    while True:
+        try:
+            os.makedirs(path)  # fails if another run took the name
+            return path
+        except FileExistsError:
+            n += 1
+            path = f"{base}-{n}"
+
+
 def _setup_devices(devices):
     """Logical CPU devices for `--devices N` when there is no GPU."""
     import tensorflow as tf
@@ -416,6 +443,9 @@ def _load_data(args, table_kwargs):
                                    **table_kwargs)
         splits = [from_arrays(s.features(names), s.labels)
                   for s in (train, validation, test)]
+        info["rows"] = {"train": len(train.labels),
+                        "validation": len(validation.labels),
+                        "test": len(test.labels)}
         info["hidden_model_test"] = test.hidden_metrics()
         return features, splits, info, None
     if args.dataset == "movielens":
@@ -423,8 +453,9 @@ def _load_data(args, table_kwargs):
 
         data = MovieLensCTR(min_count=args.min_count, seed=args.seed)
         features = data.feature_configs(**table_kwargs)
-        splits = [from_arrays(*data.arrays(s))
-                  for s in ("train", "validation", "test")]
+        arrays = {s: data.arrays(s) for s in ("train", "validation", "test")}
+        splits = [from_arrays(*a) for a in arrays.values()]
+        info["rows"] = {s: len(a[1]) for s, a in arrays.items()}
         return features, splits, info, None
     if args.dataset == "criteo":
         from alpt_keras.models.criteo import CriteoPipeline as Pipeline
@@ -445,9 +476,8 @@ def _load_data(args, table_kwargs):
                           for m in report["malformed_examples"][:3])
         print(f"alpt-train: skipped {report['malformed']:,} malformed "
               f"line(s) of {report['lines']:,} ({first}"
-              f"{'; ...' if report['malformed'] > 3 else ''})",
-              file=sys.stderr)
-    rows = report["rows"]
+              f"{'; ...' if report['malformed'] > 3 else ''})")
+    rows = info["rows"] = dict(report["rows"])
     if min(rows.values()) == 0:
         _fail(f"--data-path {args.data_path}: too few data lines to train "
               "and evaluate: the 8:1:1 split gives train "
@@ -513,6 +543,10 @@ class _Run:
     cluster: dict
     strategy: object
     output_dir: str
+    # True when `output_dir` is the new runs/... folder of this run.
+    new_output_dir: bool = False
+    # The local copy of a parameter-server model is built silently.
+    quiet_model: bool = False
 
     @property
     def parameter_server(self):
@@ -543,20 +577,39 @@ def parse_args(argv=None):
 def setup(args, cluster):
     """Step 2: the strategy, the storage and the output folder of this
     task."""
+    from alpt_keras import _startup
+
     parameter_server = cluster is not None and \
         cluster["kind"] == "parameter_server"
-    if parameter_server:
-        strategy = _parameter_server_strategy(args, cluster)
-    elif cluster is not None:
-        strategy = _multi_worker_strategy(args, cluster)
-    else:
-        strategy = _setup_devices(args.devices)
+    # The first device listing logs "failed call to cuInit" on machines
+    # without a GPU: caught like TensorFlow's import lines.
+    with _startup.quiet_stderr() if _startup.is_tool() else \
+            contextlib.nullcontext():
+        if parameter_server:
+            strategy = _parameter_server_strategy(args, cluster)
+        elif cluster is not None:
+            strategy = _multi_worker_strategy(args, cluster)
+        else:
+            strategy = _setup_devices(args.devices)
+    if args.verbose:  # TensorFlow's start-up lines, shown again
+        sys.stderr.write(_startup.captured())
     if args.storage == "auto":
         # Packed where it saves bytes (sub-8-bit codes) or where int8
         # cannot go (multi-worker collectives).
         multi_worker = cluster is not None and not parameter_server
         args.storage = "packed" if multi_worker or (
             args.bits < 8 and args.embedding != "float32") else "int8"
+    new_output_dir = False
+    if args.output_dir is None and cluster is None:
+        args.output_dir = new_run_dir(args)
+        new_output_dir = True
+        print(f"alpt-train: writing to {args.output_dir}/ (to resume this "
+              f"run after a kill, rerun with --output-dir "
+              f"{args.output_dir})")
+    elif args.output_dir is None:
+        print("alpt-train: a cluster run keeps its model and report only "
+              "with --output-dir (shared by every task); nothing will be "
+              "saved.")
     output_dir = args.output_dir
     if output_dir and cluster is not None and not cluster["is_chief"]:
         # Other workers report (for the consistency check) but leave the
@@ -566,7 +619,7 @@ def setup(args, cluster):
     import tensorflow as tf
 
     tf.keras.utils.set_random_seed(args.seed)
-    return _Run(args, cluster, strategy, output_dir)
+    return _Run(args, cluster, strategy, output_dir, new_output_dir)
 
 
 def load_data(run):
@@ -578,6 +631,10 @@ def load_data(run):
                         seed=args.seed, storage=args.storage)
     features, (train, validation, test), info, pipeline = _load_data(
         args, table_kwargs)
+    rows = info["rows"]
+    print(f"data: {args.dataset}, train {rows['train']:,} / validation "
+          f"{rows['validation']:,} / test {rows['test']:,} examples, "
+          f"{len(features)} features")
     if run.output_dir:
         os.makedirs(run.output_dir, exist_ok=True)
         if pipeline is not None and run.is_chief:
@@ -612,7 +669,18 @@ def build_model(run, features):
             step_size_learning_rate=args.step_size_learning_rate)
         model.compile(optimizer=optimizer, loss="binary_crossentropy",
                       metrics=[keras.metrics.AUC(name="auc")])
+    if not run.quiet_model:
+        print(f"model: {args.model}, {model.count_params():,} parameters, "
+              f"{_describe_tables(args)}")
     return model, optimizer
+
+
+def _describe_tables(args):
+    if args.embedding == "float32":
+        return "float32 tables"
+    layout = "stacked" if args.stack_tables else "separate"
+    return (f"{args.embedding.upper()} {args.bits}-bit tables ({layout}, "
+            f"{args.storage} storage)")
 
 
 LAYOUT_FILE = "alpt_layout.json"
@@ -685,7 +753,7 @@ def fit(run, model, data):
         # removes it last), so a kill after `fit` never retrains.
         callbacks.append(run_dir.backup_callback(backup, keras,
                                                  _keras.IS_KERAS_3))
-    if args.tensorboard and args.output_dir:
+    if args.tensorboard and run.output_dir and run.is_chief:
         callbacks.append(keras.callbacks.TensorBoard(
             os.path.join(args.output_dir, "tensorboard")))
     verbose = args.verbose if args.verbose is not None else (
@@ -704,7 +772,11 @@ def fit(run, model, data):
     start = time.perf_counter()
     history = model.fit(train, epochs=args.epochs, callbacks=callbacks,
                         verbose=verbose, shuffle=False, **fit_args)
-    return history, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    print(f"trained {len(history.epoch)} epoch(s) in {seconds:.1f} s"
+          + (f" (resumed after epoch {history.epoch[0]})"
+             if history.epoch and history.epoch[0] else ""))
+    return history, seconds
 
 
 def gather_from_parameter_servers(run, model, optimizer, features):
@@ -718,7 +790,7 @@ def gather_from_parameter_servers(run, model, optimizer, features):
         run.output_dir else tempfile.mkdtemp()
     path = tf.train.Checkpoint(model=model, optimizer=optimizer).save(
         os.path.join(checkpoint_dir, "ckpt"))
-    local = dataclasses.replace(run, strategy=None)
+    local = dataclasses.replace(run, strategy=None, quiet_model=True)
     model, local_optimizer = build_model(local, features)
     local_optimizer.build(model.trainable_variables)
     tf.train.Checkpoint(model=model, optimizer=local_optimizer).restore(
@@ -824,7 +896,30 @@ def save(run, model, report):
         shutil.rmtree(model_dir, ignore_errors=True)
     path = os.path.join(output_dir, "report.json")
     run_dir.write_json(path, report)
-    print(f"wrote {path}")
+
+
+# What a finished run leaves in its output folder, as the console lists it.
+OUTPUT_FILES = (
+    ("model.keras", "the model (keras.models.load_model)"),
+    ("model.weights.h5", "its weights"),
+    ("report.json", "config, metrics, history, table digests, bytes"),
+    ("vocabulary.json", "the data pipeline's vocabulary"),
+    ("run.json", "the run's settings (a rerun into this folder must match)"),
+    ("tensorboard", "TensorBoard logs (tensorboard --logdir ...)"),
+    ("checkpoint", "the parameter servers' sharded checkpoint"),
+)
+
+
+def print_files(output_dir, export_path=None):
+    """Where every file went."""
+    print(f"files in {output_dir}/:")
+    for name, what in OUTPUT_FILES:
+        if os.path.exists(os.path.join(output_dir, name)):
+            slash = "/" if os.path.isdir(os.path.join(output_dir, name)) \
+                else ""
+            print(f"  {name + slash:<18} {what}")
+    if export_path:
+        print(f"TF Serving export: {export_path}")
 
 
 def main(argv=None):
@@ -840,7 +935,7 @@ def main(argv=None):
     if guarded:
         from alpt_keras import IS_KERAS_3
 
-        fresh = not os.path.exists(run.output_dir)
+        fresh = run.new_output_dir or not os.path.exists(run.output_dir)
         settings = run_dir.fingerprint(
             args, "keras3" if IS_KERAS_3 else "tf_keras")
         try:
@@ -886,6 +981,7 @@ def main(argv=None):
         save(run, model, report)
         if run.is_chief:
             finish(run)
+            print_files(run.output_dir, report.get("export", {}).get("path"))
     return 0
 
 

@@ -8,6 +8,7 @@ equivalent.
 """
 
 import argparse
+import re
 import sys
 
 
@@ -36,9 +37,16 @@ def main(argv=None):
     return 0
 
 
+def natural_key(name):
+    """Sorts `C2` before `C10`: digit runs compare as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
+            for part in re.split(r"(\d+)", name)]
+
+
 def print_size_report(report):
     print(f"{'table':<28}{'bytes':>14}{'float32 bytes':>16}{'ratio':>8}")
-    for name, table in sorted(report["tables"].items()):
+    for name, table in sorted(report["tables"].items(),
+                              key=lambda item: natural_key(item[0])):
         ratio = table["bytes"] / max(table["float32_bytes"], 1)
         print(f"{name:<28}{table['bytes']:>14,}"
               f"{table['float32_bytes']:>16,}{ratio:>8.3f}")

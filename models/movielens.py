@@ -14,8 +14,10 @@ training split only, with `CTRPipeline`'s ids (0 = OOV, 1 = missing).
 """
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 import zlib
 
@@ -48,16 +50,26 @@ def download_movielens_100k(cache_dir=None, timeout=300):
     wheels = [f for f in os.listdir(cache_dir)
               if f.startswith("recbole-1.2.1") and f.endswith(".whl")]
     if not wheels:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps",
-                   "--quiet", "--dest", cache_dir, RECBOLE_WHEEL]
-        proc = subprocess.run(command, capture_output=True, text=True,
-                              timeout=timeout)
-        wheels = [f for f in os.listdir(cache_dir)
-                  if f.startswith("recbole-1.2.1") and f.endswith(".whl")]
-        if proc.returncode != 0 or not wheels:
-            raise RuntimeError(
-                f"Could not download {RECBOLE_WHEEL} (MovieLens-100K) into "
-                f"{cache_dir}: {proc.stderr.strip()[-500:]}")
+        # Into a private folder, then renamed into the cache: a process
+        # that looks at the cache meanwhile (a second test pass, another
+        # alpt-train) never opens half a wheel, and concurrent downloads
+        # each publish a whole one.
+        staging = tempfile.mkdtemp(prefix=".download-", dir=cache_dir)
+        try:
+            command = [sys.executable, "-m", "pip", "download", "--no-deps",
+                       "--quiet", "--dest", staging, RECBOLE_WHEEL]
+            proc = subprocess.run(command, capture_output=True, text=True,
+                                  timeout=timeout)
+            wheels = [f for f in os.listdir(staging)
+                      if f.startswith("recbole-1.2.1") and f.endswith(".whl")]
+            if proc.returncode != 0 or not wheels:
+                raise RuntimeError(
+                    f"Could not download {RECBOLE_WHEEL} (MovieLens-100K) "
+                    f"into {cache_dir}: {proc.stderr.strip()[-500:]}")
+            os.replace(os.path.join(staging, wheels[0]),
+                       os.path.join(cache_dir, wheels[0]))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return os.path.join(cache_dir, wheels[0])
 
 

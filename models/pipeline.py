@@ -288,6 +288,14 @@ class CTRPipeline:
         signature = (
             {n: tf.TensorSpec([None], tf.int64) for n in self.field_names},
             tf.TensorSpec([None], tf.float32))
-        return tf.data.Dataset.from_generator(
+        dataset = tf.data.Dataset.from_generator(
             lambda: self.batches(split, batch_size),
             output_signature=signature)
+        rows = self.report["rows"][split]
+        if rows:
+            # Counted by `fit`: Keras then knows the epoch's length (no
+            # "Your input ran out of data" warning, a progress bar with a
+            # total), and a file changed since `fit` fails loudly.
+            dataset = dataset.apply(tf.data.experimental.assert_cardinality(
+                -(-rows // batch_size)))
+        return dataset

@@ -279,11 +279,12 @@ def test_malformed_lines_are_reported_on_the_console(tmp_path):
 
     path = _criteo_file(tmp_path / "train.txt", rows=200)
     args = parse_args(["--dataset", "criteo", "--data-path", path])
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        _load_data(args, dict(embedding_dim=4))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):  # the run's summary, not stderr
+        _, _, info, _ = _load_data(args, dict(embedding_dim=4))
     assert ("alpt-train: skipped 1 malformed line(s) of 201 (line 8: "
-            "expected 40 tab-separated columns, found 4)") in err.getvalue()
+            "expected 40 tab-separated columns, found 4)") in out.getvalue()
+    assert sum(info["rows"].values()) == 200
 
 
 def test_sub_8_bit_tables_are_packed_by_default(tmp_path):

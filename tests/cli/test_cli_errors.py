@@ -54,7 +54,6 @@ def _refused(argv, capsys):
      "synthetic"),
     (["--storage", "packed", "--embedding", "float32"],
      "--storage packed does not apply to --embedding float32"),
-    (["--tensorboard"], "--tensorboard writes its logs under --output-dir"),
     (["--verbose", "5"], "--verbose: invalid choice: 5"),
 ])
 def test_mistakes_are_one_line_and_exit_2(argv, message, capsys):

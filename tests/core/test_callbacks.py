@@ -51,6 +51,9 @@ def test_monitor_logs_skipped_updates_and_table_stats():
     assert logs["alpt/saturated"] == saturated  # the only table
     np.testing.assert_allclose(logs["alpt/step_size_mean"], steps.mean(),
                                rtol=1e-6)
+    assert logs["alpt/step_size_min"] == steps.min()  # copied, exact
+    assert logs["alpt/step_size_max"] == steps.max()
+    assert steps.min() < steps.max()  # per-row Δ has moved apart
 
 
 def _guarded_fit(labels, guard, batch_size=10):

@@ -34,8 +34,9 @@ BLOCKS = _readme_blocks()
 
 
 def test_readme_has_the_expected_examples():
-    # Keras 3, TFRS, models, group in TFRS, Mirrored, two-pass, export
-    assert len(BLOCKS) == 7
+    # Keras 3, TFRS, models, group in TFRS, Mirrored, two-pass, load and
+    # continue, export
+    assert len(BLOCKS) == 8
 
 
 @pytest.mark.slow
@@ -58,11 +59,13 @@ def test_readme_block_runs(index, tmp_path):
         assert "int8" in proc.stdout
     if "tfrs" in code:
         assert "'auc'" in proc.stdout
+    if "load_model" in code:  # continued from the saved optimizer state
+        assert proc.stdout.split() == ["16", "serving/ctr/1"], proc.stdout
     if "ALPTEmbeddingGroup" in code:
         assert "(0, 1000, 1500, 1550)" in proc.stdout
     if "two_pass(model)" in code:
         assert proc.stdout.strip().splitlines()[-1] == "True"
-    if "export_for_serving" in code:
+    if "export_for_serving" in code and "load_model" not in code:
         assert proc.stdout.strip().splitlines()[-1] == "True"
 
 
