@@ -68,6 +68,7 @@ __all__ = [
     "add_optimizer_variable",
     "flatten_layers",
     "in_xla_context",
+    "output_shape",
     "refuse_xla",
     "optimizer_base_classes",
     "register",
@@ -76,6 +77,20 @@ __all__ = [
 ]
 
 register = keras.utils.register_keras_serializable(package="alpt_keras")
+
+
+def output_shape(shape):
+    """A layer's `compute_output_shape` result as its flavour expects it:
+    a tuple under Keras 3, a `tf.TensorShape` under tf_keras (whose
+    Functional API and layer tests call `.as_list()` on it). Nested dicts
+    and lists of shapes are converted leaf by leaf."""
+    if isinstance(shape, dict):
+        return {k: output_shape(v) for k, v in shape.items()}
+    if isinstance(shape, list) and shape and not isinstance(
+            shape[0], (int, type(None))):
+        return [output_shape(s) for s in shape]
+    shape = tuple(tf.TensorShape(shape).as_list())
+    return shape if IS_KERAS_3 else tf.TensorShape(shape)
 
 
 def tf_variable(variable):

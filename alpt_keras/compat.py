@@ -11,9 +11,10 @@ from alpt_keras._keras import (
     IS_KERAS_3,
     flatten_layers,
     keras,
+    output_shape,
     register,
     tf_variable,
 )
 
-__all__ = ["IS_KERAS_3", "flatten_layers", "keras", "register",
-           "tf_variable"]
+__all__ = ["IS_KERAS_3", "flatten_layers", "keras", "output_shape",
+           "register", "tf_variable"]

@@ -576,7 +576,7 @@ class ALPTEmbedding(PhysicalTable):
         input_shape = tuple(input_shape)
         if self.combiner is not None:
             input_shape = input_shape[:-1]
-        return input_shape + (self.output_dim,)
+        return _keras.output_shape(input_shape + (self.output_dim,))
 
     # ------------------------------------------------------- float interface
     def unpacked_codes(self):

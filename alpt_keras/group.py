@@ -358,9 +358,10 @@ class ALPTEmbeddingGroup(PhysicalTable):
             return shape + (self.output_dim,)
 
         if isinstance(input_shape, dict):
-            return {f: one(f, input_shape[f]) for f in self.features}
-        return [one(f, s) for f, s in
-                zip(self.features, input_shape, strict=True)]
+            return _keras.output_shape(
+                {f: one(f, input_shape[f]) for f in self.features})
+        return _keras.output_shape([one(f, s) for f, s in zip(
+            self.features, input_shape, strict=True)])
 
     # ------------------------------------------------------ float interface
     def _rows_of(self, table):

@@ -193,7 +193,10 @@ def _predictor(kind, path):
         model = keras.models.load_model(path)
         return lambda features: np.asarray(
             model(features, training=False)).reshape(-1)
-    signature = tf.saved_model.load(path).signatures["serving_default"]
+    signatures = tf.saved_model.load(path).signatures
+    # A raw-feature export takes the ids under "serving_ids".
+    signature = signatures["serving_ids"] if "serving_ids" in signatures \
+        else signatures["serving_default"]
     specs = signature.structured_input_signature[1]
 
     def predict(features):

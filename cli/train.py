@@ -846,9 +846,11 @@ def evaluate(run, model, trained, optimizer, data, history, seconds):
     return report
 
 
-def export(run, model, test, report):
+def export(run, model, data, report):
     """Step 7: the TF Serving export, with warm-up requests from the first
-    test batch (<= 256 rows); adds its sizes to `report`."""
+    test rows (<= 256); adds its sizes to `report`. Models trained on a
+    Criteo/Avazu file take the raw columns (`serving_default`, through
+    the pipeline's vocabulary in the graph) and the ids (`serving_ids`)."""
     from alpt_keras.export.cli import print_size_report
     from alpt_keras.export.saved_model import (
         export_for_serving,
@@ -864,17 +866,28 @@ def export(run, model, test, report):
         if not os.path.isdir(version_dir):
             version_dir = None
     if version_dir is None:
-        features, _ = next(iter(test))
-        warmup = {k: np.asarray(v)[:256] for k, v in features.items()}
+        preprocessing = None
+        if data.pipeline is not None:
+            from alpt_keras.models import RawFeatures
+
+            preprocessing = RawFeatures(data.pipeline)
+            warmup = data.pipeline.raw_rows("test", 256)
+        else:
+            features, _ = next(iter(data.test))
+            warmup = {k: np.asarray(v)[:256] for k, v in features.items()}
         version_dir = export_for_serving(model, run.args.export_dir,
                                          run.args.model_name,
-                                         warmup_examples=warmup)
+                                         warmup_examples=warmup,
+                                         preprocessing=preprocessing)
         if done:
             run_dir.write_json(done, {"path": version_dir})
     size = export_size_report(version_dir)
     print_size_report(size)
-    print(f"exported {version_dir}")
+    print(f"exported {version_dir}" + (
+        " (serving_default: raw columns; serving_ids: ids)"
+        if data.pipeline is not None else ""))
     report["export"] = {"path": version_dir,
+                        "raw_features": data.pipeline is not None,
                         "total_bytes": size["total_bytes"],
                         "tables": size["tables"]}
 
@@ -975,7 +988,7 @@ def main(argv=None):
     report = evaluate(run, model, trained, optimizer, data, history,
                       seconds)
     if args.export_dir and run.is_chief:
-        export(run, model, data.test, report)
+        export(run, model, data, report)
         run_dir.fault_point("after_export")
     if run.output_dir:
         save(run, model, report)

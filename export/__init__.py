@@ -11,6 +11,7 @@ from alpt_keras.export.client import (
     ServingError,
 )
 from alpt_keras.export.saved_model import (
+    IDS_SIGNATURE_KEY,
     SIGNATURE_KEY,
     export_for_serving,
     export_size_report,
@@ -25,6 +26,7 @@ from alpt_keras.export.serving_files import (
 
 __all__ = [
     "GrpcPredictClient",
+    "IDS_SIGNATURE_KEY",
     "RestPredictClient",
     "SIGNATURE_KEY",
     "ServingError",

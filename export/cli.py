@@ -1,13 +1,20 @@
 """`alpt-export`: a saved `.keras` CTR model -> TF Serving SavedModel.
 
     alpt-export runs/ctr/model.keras serving/ --model-name ctr
+    alpt-export runs/criteo-.../model.keras serving/ \
+        --vocabulary runs/criteo-.../vocabulary.json
 
 Writes `<base_path>/<model_name>/<next version>/` with `export_for_serving`
-and prints the size of every embedding table next to its float32
-equivalent.
+and warm-up requests (`--warmup-rows`), and prints the size of every
+embedding table next to its float32 equivalent. With `--vocabulary` (the
+`vocabulary.json` of a Criteo/Avazu run) `serving_default` takes the raw
+columns of the data file, preprocessed in the graph, and `serving_ids` the
+ids. Like `alpt-train`, this tool sits above `alpt_keras.models` and
+`alpt_keras.export`.
 """
 
 import argparse
+import os
 import re
 import sys
 
@@ -21,17 +28,53 @@ def main(argv=None):
     parser.add_argument("base_path", help="TF Serving model base path.")
     parser.add_argument("--model-name", default="ctr")
     parser.add_argument("--version", type=int, default=None)
+    parser.add_argument("--vocabulary", default=None, metavar="FILE",
+                        help="vocabulary.json of the Criteo/Avazu training "
+                             "run: serve raw columns (serving_default) and "
+                             "ids (serving_ids).")
+    parser.add_argument("--warmup-rows", type=int, default=16, metavar="N",
+                        help="Rows of the warm-up request (ids 0, or empty "
+                             "raw values: valid for every model); 0: none.")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    for flag, path in (("model_file", args.model_file),
+                       ("--vocabulary", args.vocabulary)):
+        if path is not None and not os.path.isfile(path):
+            print(f"alpt-export: {flag} must be an existing file. "
+                  f"Received: {path}", file=sys.stderr)
+            return 2
+    if args.warmup_rows < 0:
+        print("alpt-export: --warmup-rows must be >= 0. Received: "
+              f"{args.warmup_rows}", file=sys.stderr)
+        return 2
+    import numpy as np
+
     import alpt_keras.models  # noqa: F401  (registers the model classes)
     from alpt_keras.compat import keras
     from alpt_keras.export.saved_model import (
+        _input_signature,
         export_for_serving,
         export_size_report,
     )
 
     model = keras.models.load_model(args.model_file, compile=False)
+    preprocessing = None
+    if args.vocabulary:
+        from alpt_keras.models import RawFeatures
+
+        preprocessing = RawFeatures.from_vocabulary(args.vocabulary)
+    warmup = None
+    if args.warmup_rows:
+        n = args.warmup_rows
+        if preprocessing is not None:  # every value missing
+            warmup = {c: np.array([""] * n) for c in preprocessing.columns}
+        else:  # id 0 (OOV) of every table; multi-hot rows padded alike
+            warmup = {name: np.zeros([n] + list(spec.shape[1:]), np.int64)
+                      for name, spec in _input_signature(model,
+                                                         None).items()}
     version_dir = export_for_serving(model, args.base_path, args.model_name,
-                                     version=args.version)
+                                     version=args.version,
+                                     warmup_examples=warmup,
+                                     preprocessing=preprocessing)
     print_size_report(export_size_report(version_dir))
     print(version_dir)
     return 0

@@ -4,7 +4,11 @@ What is written, under `<base_path>/<model_name>/<version>/`:
 - `saved_model.pb` with one signature, `serving_default`: named int64
   feature inputs (`[batch]`, or `[batch, max_ids]` for multi-hot features)
   and the outputs `probability` (and `logit` for models with a layer named
-  `"logit"`, such as every model of `alpt_keras.models`);
+  `"logit"`, such as every model of `alpt_keras.models`). With
+  `preprocessing` (e.g. `alpt_keras.models.RawFeatures`), `serving_default`
+  takes the raw columns instead and runs the preprocessing in the graph,
+  its vocabularies as SavedModel assets, and `serving_ids` keeps the id
+  inputs;
 - `variables/`: only what inference reads. ALPT tables stay integer codes
   plus step sizes, dequantized in the graph with stock ops (`ResourceGather`,
   `Cast`, `Mul`). No optimizer state, no gradient carriers, and no variable
@@ -36,6 +40,9 @@ from alpt_keras.table import find_table
 from alpt_keras.validation import check_int
 
 SIGNATURE_KEY = "serving_default"
+# With raw-feature preprocessing, the id inputs stay reachable under this
+# name (and `serving_default` takes the raw columns).
+IDS_SIGNATURE_KEY = "serving_ids"
 # Describes each ALPT table of an export (shape, bits, storage), so tools
 # can decode the codes and size reports know `D` of packed tables. TF
 # Serving ignores `assets.extra/` files other than its warm-up requests.
@@ -78,7 +85,7 @@ def _input_signature(model, input_signature):
 class _ServingModule(tf.Module):
     """Tracks the serving variables and the signature function only."""
 
-    def __init__(self, model, signature, variables):
+    def __init__(self, model, signature, variables, preprocessing=None):
         super().__init__(name="alpt_serving")
         # Only these are tracked (not the model: that would drag optimizer
         # state into the export).
@@ -103,6 +110,18 @@ class _ServingModule(tf.Module):
             return {"probability": tf.cast(output, tf.float32)}
 
         self.serve = tf.function(serve, input_signature=[signature])
+        self.serve_raw = None
+        if preprocessing is not None:
+            # Tracked, so its lookup tables and vocabulary assets are saved.
+            self.preprocessing = preprocessing
+
+            def serve_raw(raw):
+                ids = preprocessing(raw)
+                return serve({name: tf.cast(ids[name], spec.dtype)
+                              for name, spec in signature.items()})
+
+            self.serve_raw = tf.function(
+                serve_raw, input_signature=[preprocessing.input_signature()])
 
 
 def _variable_paths(model):
@@ -219,7 +238,8 @@ def alpt_tables(model, variables):
 
 
 def export_for_serving(model, base_path, model_name="model", version=None,
-                       input_signature=None, warmup_examples=None):
+                       input_signature=None, warmup_examples=None,
+                       preprocessing=None):
     """Writes a TF Serving SavedModel and returns its version directory.
 
     Args:
@@ -233,7 +253,14 @@ def export_for_serving(model, base_path, model_name="model", version=None,
         input_signature: dict feature name -> `tf.TensorSpec`; required for
             models without symbolic inputs (subclassed, TFRS).
         warmup_examples: optional dict feature name -> rows; written as TF
-            Serving warm-up requests (`assets.extra/`).
+            Serving warm-up requests (`assets.extra/`) for
+            `serving_default` (raw columns, as strings, with
+            `preprocessing`).
+        preprocessing: optional `tf.Module` with `input_signature()` (dict
+            column -> `tf.TensorSpec`) that maps those columns to the
+            model's features when called, e.g.
+            `alpt_keras.models.RawFeatures(pipeline)`. `serving_default`
+            then takes the raw columns, and `serving_ids` the features.
 
     Returns:
         str, the path `<base_path>/<model_name>/<version>`.
@@ -253,15 +280,29 @@ def export_for_serving(model, base_path, model_name="model", version=None,
                          "Received: a version that TF Serving may be "
                          "serving; choose another or omit `version`.")
     signature = _input_signature(model, input_signature)
+    if preprocessing is not None:
+        produced = set(getattr(preprocessing, "field_names", signature))
+        lacking = sorted(set(signature) - produced)
+        if lacking or not callable(getattr(preprocessing, "input_signature",
+                                           None)):
+            raise ValueError(
+                "`preprocessing` must be a callable tf.Module with "
+                "`input_signature()` whose output holds every model input. "
+                f"Received: {type(preprocessing).__name__}, missing "
+                f"{lacking}")
     variables = serving_variables(model)
-    module = _ServingModule(model, signature, variables)
+    module = _ServingModule(model, signature, variables, preprocessing)
     os.makedirs(model_dir, exist_ok=True)
     remove_dead_staging(model_dir)
     staging = os.path.join(model_dir, _staging_name(version))
     try:
-        tf.saved_model.save(
-            module, staging,
-            signatures={SIGNATURE_KEY: module.serve.get_concrete_function()})
+        if module.serve_raw is None:
+            signatures = {SIGNATURE_KEY: module.serve.get_concrete_function()}
+        else:
+            signatures = {
+                SIGNATURE_KEY: module.serve_raw.get_concrete_function(),
+                IDS_SIGNATURE_KEY: module.serve.get_concrete_function()}
+        tf.saved_model.save(module, staging, signatures=signatures)
         _strip_newer_ops(staging)
         extra = os.path.join(staging, "assets.extra")
         os.makedirs(extra, exist_ok=True)

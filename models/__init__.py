@@ -31,6 +31,7 @@ from alpt_keras.models.layers import (
     InnerProducts,
     SumFields,
 )
+from alpt_keras.models.raw_features import RawFeatures
 from alpt_keras.models.synthetic import (
     SyntheticCTR,
     criteo_like_synthetic,
@@ -46,6 +47,7 @@ __all__ = [
     "FeatureEmbedding",
     "FieldDotInteraction",
     "InnerProducts",
+    "RawFeatures",
     "SumFields",
     "SyntheticCTR",
     "TableConfig",

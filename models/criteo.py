@@ -12,6 +12,10 @@ import math
 
 from alpt_keras.models.pipeline import CTRPipeline, MalformedLine
 
+# What `float()` accepts from a Criteo integer column, in the serving graph
+# (decimal numbers with an optional exponent; no spaces, no inf/nan).
+NUMBER_PATTERN = r"[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?"
+
 NUMERIC = tuple(f"I{i}" for i in range(1, 14))
 CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
 
@@ -43,6 +47,55 @@ class CriteoPipeline(CTRPipeline):
     """
 
     field_names = NUMERIC + CATEGORICAL
+    # The columns a raw-feature export takes (`models.RawFeatures`).
+    raw_columns = NUMERIC + CATEGORICAL
+
+    def raw_values(self, columns):
+        return columns[1:] if self.labeled else columns
+
+    @staticmethod
+    def graph_tokens(raw):
+        """`parse` + `bucketize` in TensorFlow, for serving: dict column ->
+        string `[N]` (as in the file, `""` = missing) to dict field ->
+        token string (`""` = missing). Integer columns are binned in
+        float64 like `bucketize`; a value `float()` would refuse, or a
+        non-finite one, fails with `InvalidArgumentError` naming the
+        column."""
+        import tensorflow as tf
+
+        from alpt_keras.table import fail_check
+
+        tokens = {}
+        for name in NUMERIC:
+            text = raw[name]
+            present = tf.not_equal(text, "")
+            parses = tf.logical_or(tf.logical_not(present),
+                                   tf.strings.regex_full_match(
+                                       text, NUMBER_PATTERN))
+            bad = tf.logical_not(parses)
+            check = fail_check([
+                f"Criteo column {name} must be a number or empty. "
+                "Received (first 10):", tf.boolean_mask(text, bad)[:10]],
+                condition=tf.reduce_all(parses))
+            with tf.control_dependencies([check]):
+                value = tf.strings.to_number(tf.where(present, text, "0"),
+                                             tf.float64)
+            finite = tf.logical_or(tf.logical_not(present),
+                                   tf.math.is_finite(value))
+            check = fail_check([
+                f"Criteo column {name} must be finite. Received (first "
+                "10):", tf.boolean_mask(text, tf.logical_not(finite))[:10]],
+                condition=tf.reduce_all(finite))
+            with tf.control_dependencies([check]):
+                large = value > 2
+                log = tf.math.log(tf.where(large, value, 3.0))
+                binned = tf.where(large, tf.floor(log * log), value)
+            # int(): truncation toward zero, as a cast does.
+            token = tf.strings.as_string(tf.cast(binned, tf.int64))
+            tokens[name] = tf.where(present, token, "")
+        for name in CATEGORICAL:
+            tokens[name] = raw[name]
+        return tokens
 
     def parse(self, line):
         columns = line.split("\t")

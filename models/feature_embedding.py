@@ -3,7 +3,7 @@
 import tensorflow as tf
 
 from alpt_keras import ALPTEmbedding, ALPTEmbeddingGroup
-from alpt_keras.compat import keras, register
+from alpt_keras.compat import keras, output_shape, register
 from alpt_keras.group import stack
 from alpt_keras.models.features import FeatureConfig
 from alpt_keras.table import combine
@@ -174,7 +174,7 @@ class FeatureEmbedding(keras.layers.Layer):
         return tf.stack(columns, axis=1)  # (B, F, D)
 
     def compute_output_shape(self, input_shape):
-        return (None, len(self.features), self.embedding_dim)
+        return output_shape((None, len(self.features), self.embedding_dim))
 
     def get_config(self):
         config = super().get_config()

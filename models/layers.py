@@ -7,7 +7,7 @@ interactions are small enough to write here.
 
 import tensorflow as tf
 
-from alpt_keras.compat import IS_KERAS_3, keras, register
+from alpt_keras.compat import IS_KERAS_3, keras, output_shape, register
 from alpt_keras.validation import check_float, check_int
 
 
@@ -22,21 +22,22 @@ def cross_layer(name=None):
     return tfrs.layers.dcn.Cross(name=name)
 
 
-def dot_interaction(name=None):
+def dot_interaction(name=None, dtype=None):
     """Pairwise dot products of feature vectors (DLRM), upper triangle."""
     if IS_KERAS_3:
         import keras_rs
 
-        return keras_rs.layers.DotInteraction(name=name)
+        return keras_rs.layers.DotInteraction(name=name, dtype=dtype)
     import tensorflow_recommenders as tfrs
 
-    return tfrs.layers.feature_interaction.DotInteraction(name=name)
+    return tfrs.layers.feature_interaction.DotInteraction(name=name,
+                                                           dtype=dtype)
 
 
 def _pairs_shape(input_shape):
     """`[B, F, D]` -> `[B, F(F-1)/2]`: one value per field pair `i < j`."""
     fields = input_shape[1]
-    return (input_shape[0], fields * (fields - 1) // 2)
+    return output_shape((input_shape[0], fields * (fields - 1) // 2))
 
 
 @register
@@ -56,7 +57,7 @@ class FactorizationMachine(keras.layers.Layer):
                                    keepdims=True)
 
     def compute_output_shape(self, input_shape):
-        return (input_shape[0], 1)
+        return output_shape((input_shape[0], 1))
 
 
 @register
@@ -106,19 +107,22 @@ class MLP(keras.layers.Layer):
         self.dropout, self.seed = dropout, seed
         # One flat list: tf_keras saving does not walk lists of lists.
         self.stack = []
+        # The sublayers follow this layer's dtype policy (mixed precision).
+        policy = self.dtype_policy
         for i, width in enumerate(units):
             self.stack.append(keras.layers.Dense(
                 width, kernel_initializer=keras.initializers.GlorotUniform(
-                    seed=seed + i)))
+                    seed=seed + i), dtype=policy))
             if batch_norm:
                 # Synchronized: under Mirrored/MultiWorkerMirrored training
                 # the moments are those of the global batch, as in one
                 # process (the same as plain BatchNorm without a strategy).
                 self.stack.append(keras.layers.BatchNormalization(
-                    synchronized=True))
-            self.stack.append(keras.layers.ReLU())
+                    synchronized=True, dtype=policy))
+            self.stack.append(keras.layers.ReLU(dtype=policy))
             if dropout:
-                self.stack.append(keras.layers.Dropout(dropout, seed=seed + i))
+                self.stack.append(keras.layers.Dropout(
+                    dropout, seed=seed + i, dtype=policy))
 
     def build(self, input_shape):
         shape = tuple(input_shape)
@@ -139,7 +143,7 @@ class MLP(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         width = self.units[-1] if self.units else input_shape[-1]
-        return tuple(input_shape[:-1]) + (width,)
+        return output_shape(tuple(input_shape[:-1]) + (width,))
 
     def get_config(self):
         config = super().get_config()
@@ -160,7 +164,7 @@ class FieldDotInteraction(keras.layers.Layer):
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
-        self.interaction = dot_interaction()
+        self.interaction = dot_interaction(dtype=self.dtype_policy)
 
     def call(self, embeddings):  # (B, F, D)
         return self.interaction(tf.unstack(embeddings, axis=1))
@@ -183,4 +187,4 @@ class SumFields(keras.layers.Layer):
         return tf.reduce_sum(values, axis=1)
 
     def compute_output_shape(self, input_shape):
-        return (input_shape[0], input_shape[2])
+        return output_shape((input_shape[0], input_shape[2]))

@@ -11,7 +11,9 @@ Rows go to train/validation/test by a hash of `(seed, line number)`
 (default 8:1:1), reproducible without shuffling the file. Malformed lines
 are skipped, counted and reported with their line numbers (`report`), or
 raise `ValueError` in strict mode. With `hash_buckets`, fields skip the
-vocabulary and hash tokens into a fixed number of ids (unbounded id spaces).
+vocabulary and hash tokens into a fixed number of ids (unbounded id spaces)
+with `tf.strings.to_hash_bucket_fast`, a stock op that a serving graph runs
+too (`models.RawFeatures`).
 """
 
 import gzip
@@ -24,6 +26,9 @@ import numpy as np
 from alpt_keras.validation import check_int
 
 SPLITS = ("train", "validation", "test")
+# How hashed fields (`hash_buckets`) turn tokens into ids; recorded in
+# saved vocabularies.
+HASH = "tf.strings.to_hash_bucket_fast"
 OOV_ID, MISSING_ID, FIRST_VALUE_ID = 0, 1, 2
 
 
@@ -198,7 +203,8 @@ class CTRPipeline:
         self._require_fit()
         payload = {
             "pipeline": type(self).__name__, "min_count": self.min_count,
-            "hash_buckets": self.hash_buckets, "oov_id": OOV_ID,
+            "hash_buckets": self.hash_buckets, "hash": HASH,
+            "oov_id": OOV_ID,
             "missing_id": MISSING_ID,
             "fields": {n: sorted(v, key=v.get)
                        for n, v in self.vocabularies.items()},
@@ -216,11 +222,73 @@ class CTRPipeline:
             raise ValueError(
                 f"{path} holds a vocabulary of {payload.get('pipeline')!r}, "
                 f"not {type(self).__name__!r}")
+        if payload["hash_buckets"] is not None and \
+                payload.get("hash") != HASH:
+            raise ValueError(
+                f"{path} holds hashed fields from an older alpt_keras that "
+                f"hashed with crc32; ids now come from {HASH} (a stock "
+                "TensorFlow op, so TF Serving computes them too). Refit the "
+                "pipeline and retrain. Received: hash="
+                f"{payload.get('hash')!r}")
         self.hash_buckets = payload["hash_buckets"]
         self.vocabularies = {
             n: {t: i + FIRST_VALUE_ID for i, t in enumerate(tokens)}
             for n, tokens in payload["fields"].items()}
         return self
+
+    @classmethod
+    def from_vocabulary(cls, path):
+        """A pipeline that encodes with the vocabulary saved at `path`
+        (`save_vocabulary`), without a data file: for serving and export
+        (`models.RawFeatures`), not for reading data."""
+        pipeline = cls.__new__(cls)
+        CTRPipeline.__init__(pipeline, path)  # checks that `path` exists
+        pipeline.path = None
+        return pipeline.load_vocabulary(path)
+
+    # ------------------------------------------------- raw serving columns
+    # Subclasses that can run in a serving graph set `raw_columns` (the
+    # columns of a data line a request carries, named as in the format) and
+    # implement `raw_values(columns)` and `graph_tokens(raw)`.
+    raw_columns = ()
+
+    def raw_values(self, columns):
+        """The `raw_columns` values of a parsed line's columns."""
+        raise NotImplementedError
+
+    @staticmethod
+    def graph_tokens(raw):
+        """`parse` in TensorFlow: dict raw column -> string `[N]` to dict
+        field -> token string `[N]` (`""` = missing)."""
+        raise NotImplementedError
+
+    def raw_rows(self, split="test", limit=256):
+        """The raw columns of the first `limit` good lines of `split`, as
+        a request carries them: dict column -> array of strings (what
+        `RawFeatures` takes; used for warm-up requests)."""
+        cumulative = np.cumsum(self.split) / sum(self.split)
+        rows = []
+        with open_text(self.path) as f:
+            for number, line in enumerate(f, start=1):
+                line = line.rstrip("\r\n")
+                if self._skip_line(number, line):
+                    continue
+                try:
+                    self.parse(line)
+                except MalformedLine:
+                    continue
+                if split != "all" and self.row_split(
+                        number, cumulative) != split:
+                    continue
+                rows.append(self.raw_values(self._columns(line)))
+                if len(rows) == limit:
+                    break
+        return {c: np.array([r[i] for r in rows], dtype=object).astype(str)
+                for i, c in enumerate(self.raw_columns)}
+
+    def _columns(self, line):
+        """A line's columns (subclasses with another separator override)."""
+        return line.split("\t")
 
     def _require_fit(self):
         if self.vocabularies is None:
@@ -233,10 +301,23 @@ class CTRPipeline:
         if token is None:
             return MISSING_ID
         if self.hash_buckets is not None:
-            key = f"{self.field_names[field_index]}\x1f{token}".encode()
-            return FIRST_VALUE_ID + zlib.crc32(key) % self.hash_buckets
+            return int(self._hash([self.field_names[field_index]],
+                                  [[token]])[0, 0])
         vocabulary = self.vocabularies[self.field_names[field_index]]
         return vocabulary.get(token, OOV_ID)
+
+    def _hash(self, names, columns):
+        """Ids of hashed tokens: `FIRST_VALUE_ID +
+        tf.strings.to_hash_bucket_fast(f"{field}\\x1f{token}", buckets)`
+        (FarmHash Fingerprint64), the op a serving graph runs too.
+        `columns[i]` holds the tokens of field `names[i]` (no `None`);
+        returns int64 `[len(columns[0]), len(names)]`."""
+        import tensorflow as tf
+
+        keys = np.char.add(np.array([f"{n}\x1f" for n in names])[None, :],
+                           np.asarray(columns, dtype=object).T.astype(str))
+        return FIRST_VALUE_ID + tf.strings.to_hash_bucket_fast(
+            keys, self.hash_buckets).numpy()
 
     def batches(self, split="train", batch_size=65_536):
         """Yields `(features, labels)`: dict name -> int64 `[n]`, float32
@@ -246,11 +327,13 @@ class CTRPipeline:
             raise ValueError(f"`split` must be one of {SPLITS + ('all',)}. "
                              f"Received: split={split!r}")
         ids, labels = [], []
+        hashed = self.hash_buckets is not None
         for _, row_split, label, tokens in self._rows():
             if split != "all" and row_split != split:
                 continue
-            ids.append([self.encode_token(i, t)
-                        for i, t in enumerate(tokens)])
+            # Hashed fields: the tokens, hashed a batch at a time.
+            ids.append(tokens if hashed else [
+                self.encode_token(i, t) for i, t in enumerate(tokens)])
             labels.append(label)
             if len(ids) == batch_size:
                 yield self._pack(ids, labels)
@@ -259,6 +342,12 @@ class CTRPipeline:
             yield self._pack(ids, labels)
 
     def _pack(self, ids, labels):
+        if self.hash_buckets is not None:  # rows of tokens
+            missing = np.array([[t is None for t in row] for row in ids])
+            tokens = [[t or "" for t in row] for row in ids]
+            hashed = self._hash(self.field_names, list(map(list, zip(
+                *tokens, strict=True))))
+            ids = np.where(missing, MISSING_ID, hashed)
         matrix = np.asarray(ids, dtype=np.int64)
         features = {n: matrix[:, i] for i, n in enumerate(self.field_names)}
         if not self.labeled:

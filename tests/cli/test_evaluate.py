@@ -76,7 +76,16 @@ def test_a_new_criteo_file_goes_through_the_saved_vocabulary(tmp_path,
     run = str(tmp_path / "run")
     _train(["--dataset", "criteo", "--data-path", train, "--model", "dnn",
             "--hidden-units", "16", "--batch-size", "64", "--epochs", "3",
-            "--learning-rate", "5e-3", "--verbose", "0", "--output-dir", run])
+            "--learning-rate", "5e-3", "--verbose", "0", "--output-dir", run,
+            "--export-dir", str(tmp_path / "serving")])
+    # The export takes the raw Criteo columns; its warm-up requests too.
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(tmp_path / "serving" / "ctr" / "1"))
+    assert set(loaded.signatures) == {"serving_default", "serving_ids"}
+    raw_inputs = loaded.signatures["serving_default"] \
+        .structured_input_signature[1]
+    assert raw_inputs["I1"].dtype == tf.string and len(raw_inputs) == 39
     # Another day: other rows (seed 1), same click rule (C1 decides).
     day2 = _criteo_file(tmp_path / "day2.txt", rows=1500, seed=1)
     result, out = _evaluate([os.path.join(run, "model.keras"), "--data-path",
@@ -95,6 +104,12 @@ def test_a_new_criteo_file_goes_through_the_saved_vocabulary(tmp_path,
     assert again["split"] == "test"
     np.testing.assert_allclose(again["logloss"],
                                report["metrics"]["test_logloss"], rtol=1e-5)
+    # The export (its id signature), on the new file: the model's numbers.
+    served, _ = _evaluate([str(tmp_path / "serving" / "ctr"), "--run", run,
+                           "--data-path", day2, "--output",
+                           str(tmp_path / "s.json")], capsys)
+    for key in ("auc", "logloss"):
+        np.testing.assert_allclose(served[key], result[key], rtol=1e-6)
 
 
 def _refused(argv, capsys):
