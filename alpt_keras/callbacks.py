@@ -11,6 +11,14 @@ from alpt_keras.table import tables
 keras = _keras.keras
 
 
+def alpt_optimizer(optimizer):
+    """`optimizer`, or the ALPTOptimizer inside a `LossScaleOptimizer`
+    (mixed float16 wraps it: `LossScaleOptimizer(ALPTOptimizer(...))`)."""
+    if "LossScaleOptimizer" in type(optimizer).__name__:
+        return getattr(optimizer, "inner_optimizer", optimizer)
+    return optimizer
+
+
 class ALPTMonitor(keras.callbacks.Callback):
     """Adds ALPT figures to the epoch logs (History, CSVLogger, TensorBoard).
 
@@ -46,7 +54,8 @@ class ALPTMonitor(keras.callbacks.Callback):
     def stats(self):
         """The figures as a dict of Python floats."""
         out = {}
-        skipped = getattr(self.model.optimizer, "skipped_table_updates", None)
+        skipped = getattr(alpt_optimizer(self.model.optimizer),
+                          "skipped_table_updates", None)
         if skipped is not None:
             out["alpt_skipped_steps"] = float(
                 np.array(tf.convert_to_tensor(skipped)))
@@ -126,7 +135,7 @@ class StopOnSkippedSteps(keras.callbacks.Callback):
     def _counters(self):
         """(skipped steps, applied steps); (0, 0) before the optimizer is
         built (its first apply builds it)."""
-        optimizer = self.model.optimizer
+        optimizer = alpt_optimizer(self.model.optimizer)
         if not hasattr(type(optimizer), "skipped_steps"):
             raise TypeError(
                 "StopOnSkippedSteps needs an ALPTOptimizer (which skips "

@@ -156,7 +156,12 @@ class PhysicalTable(keras.layers.Layer):
     Not a public layer: subclasses decide what a call takes."""
 
     def _create_table(self, group, storage, codes0, step0):
-        extra = {"autocast": False} if _keras.IS_KERAS_3 else {}
+        # Never AutoCastVariables (either flavour): under a mixed policy
+        # the rows are dequantized in float32 and cast to the compute dtype
+        # once, and the optimizer steps float32 Δ (tf_keras used to read Δ
+        # as bfloat16 inside `call`: "Input 'y' of 'Mul' Op has type
+        # bfloat16 that does not match type float32").
+        extra = {"autocast": False}
         # Keep this order stable: checkpoints store layer weights by
         # position. Row-indexed variables are marked for `RowPartitioner`
         # (sharding over parameter servers); the carrier never is.

@@ -56,8 +56,7 @@ def stacking_key(layer):
     `learn_step_size`, `min_step_size` and dtype."""
     spec = layer.table_spec
     return tuple(getattr(spec, s) for s in SHARED_SETTINGS) + (
-        layer.storage, layer.dtype_policy.name if _keras.IS_KERAS_3
-        else layer.dtype)
+        layer.storage, layer.dtype_policy.name)
 
 
 @_keras.register
@@ -120,8 +119,9 @@ class ALPTEmbeddingGroup(PhysicalTable):
                     "Tables of an ALPTEmbeddingGroup must agree on "
                     f"{list(settings)}. Received: tables '{first.name}' and "
                     f"'{layer.name}' differ in {differ}")
-        kwargs.setdefault("dtype", first.dtype_policy if _keras.IS_KERAS_3
-                          else first.dtype)
+        # The policy, not `dtype` (tf_keras's `dtype` is the variable
+        # dtype: a mixed policy would become float32 compute).
+        kwargs.setdefault("dtype", first.dtype_policy)
         super().__init__(**kwargs)
         check_float_dtype(self)
         self._tables = tuple(

@@ -113,10 +113,12 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
                 f"Received: {inner_optimizer!r}")
         if "LossScaleOptimizer" in type(inner_optimizer).__name__:
             raise NotImplementedError(
-                "ALPTOptimizer does not support loss scaling yet: the table "
-                "gradients would stay scaled. Train with float32 or "
-                "mixed_bfloat16 (no loss scaling). Received: inner_optimizer="
-                f"{type(inner_optimizer).__name__}")
+                "ALPTOptimizer cannot wrap a LossScaleOptimizer: the table "
+                "gradients would stay scaled. Wrap it the other way, "
+                "`keras.mixed_precision.LossScaleOptimizer(ALPTOptimizer("
+                "...))`, which unscales every gradient (the tables' "
+                "included) before ALPTOptimizer sees it. Received: "
+                f"inner_optimizer={type(inner_optimizer).__name__}")
         config = update.UpdateConfig(
             embedding_optimizer, embedding_learning_rate,
             step_size_optimizer, step_size_learning_rate, beta_1, beta_2,

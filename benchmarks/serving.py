@@ -1,8 +1,9 @@
 """Serving cost: export size and latency, ALPT vs float32 exports.
 
-Exports the same CTR model (DNN 256-128 with BatchNorm, as `alpt-train`)
-with float32, ALPT 8-bit (int8 storage) and ALPT 4-bit (packed) tables
-(stacked into one group, the default of `models.FeatureEmbedding`), and
+Exports the same CTR model (DNN 256-128 with BatchNorm, as
+`alpt-train --batch-norm`) with float32, ALPT 8-bit (int8 storage) and
+ALPT 4-bit (packed) tables (stacked into one group, the default of
+`models.FeatureEmbedding`), and
 ALPT 8-bit as 26 separate tables (`alpt8_unstacked`), for two layouts:
 - `criteo_like`: 26 tables of 10 to 31,623 rows x 16 (alpt-train's
   default data, 114,732 rows);

@@ -128,8 +128,12 @@ def build_ctr_model(
         1, kernel_initializer=dense_init, name="deep_logit")(top)
     logit = deep_logit if not terms else keras.layers.Add(name="logit_sum")(
         [deep_logit] + terms)
-    logit = keras.layers.Activation("linear", name="logit")(logit)
-    probability = keras.layers.Activation("sigmoid", name="probability")(logit)
+    # float32 whatever the dtype policy (mixed precision computes the rest
+    # in bfloat16/float16): the loss and the served probability need it.
+    logit = keras.layers.Activation("linear", name="logit",
+                                    dtype="float32")(logit)
+    probability = keras.layers.Activation("sigmoid", name="probability",
+                                          dtype="float32")(logit)
     return keras.Model(inputs, probability, name=name or model)
 
 

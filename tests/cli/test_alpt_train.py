@@ -55,6 +55,14 @@ def test_float32_and_alpt8_end_to_end(tmp_path):
     alpt = reports["alpt"]["metrics"]["test_auc"]
     assert fp32 >= hidden - 0.03, (fp32, hidden)  # the float32 floor
     assert abs(alpt - fp32) <= 0.01, (alpt, fp32)
+    # Calibrated, not only well ranked: the test logloss is near the hidden
+    # model's (issue 14 item 9: BatchNorm's unconverged moving statistics
+    # once put the default job's at 0.65 against 0.51).
+    hidden_loss = reports["float32"]["data"]["hidden_model_test"]["logloss"]
+    for kind, r in reports.items():
+        loss = r["metrics"]["test_logloss"]
+        print(kind, loss, hidden_loss)
+        assert loss <= hidden_loss + 0.03, (kind, loss, hidden_loss)
     report = reports["alpt"]
     assert report["config"]["embedding"] == "alpt"
     assert report["config"]["bits"] == 8

@@ -214,12 +214,16 @@ def test_wrapper_argument_validation():
         ALPTOptimizer(ALPTOptimizer(inner))
 
 
-def test_loss_scale_optimizer_is_refused_clearly():
+def test_loss_scale_optimizer_inside_is_refused_clearly():
+    """Inside, the table gradients would stay scaled; the message says how
+    to wrap it (outside: tests/core/test_mixed_precision.py)."""
     if hasattr(keras.optimizers, "LossScaleOptimizer"):
         lso = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD())
     else:
         lso = keras.mixed_precision.LossScaleOptimizer(keras.optimizers.SGD())
-    with pytest.raises(NotImplementedError, match="loss scaling"):
+    with pytest.raises(NotImplementedError, match=r"Wrap it the other way, "
+                       r"`keras.mixed_precision.LossScaleOptimizer\("
+                       r"ALPTOptimizer"):
         ALPTOptimizer(lso)
 
 
