@@ -4,8 +4,6 @@ loader, the REST and gRPC doubles and the warm-up replay all see the Keras
 model's predictions; `serving_ids` keeps the id inputs."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -28,10 +26,9 @@ from tests.export.serving_doubles import (
     RestDouble,
     SavedModelBackend,
 )
-from tests.export.test_saved_model import ALLOWED_OPS
+from tests.export.test_saved_model import ALLOWED_OPS, _serve
 from tests.models.test_raw_features import _criteo_file
 
-HERE = os.path.dirname(__file__)
 ROWS = 64
 # The preprocessing's ops, all core TensorFlow ops since 1.x (TF Serving
 # 2.11 ships them): vocabulary tables from asset files (initialised once,
@@ -63,18 +60,6 @@ def raw_export(tmp_path_factory):
                                      warmup_examples=raw)
     expected = model.predict(ids, verbose=0)
     return model, pipeline, version_dir, raw, ids, expected, base
-
-
-def _serve(version_dir, inputs, tmp_path):
-    """The TF1 session loader, in a process without alpt_keras."""
-    np.savez(tmp_path / "in.npz", **inputs)
-    proc = subprocess.run(
-        [sys.executable, os.path.join(HERE, "serving_check.py"), version_dir,
-         str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
-        capture_output=True, text=True, timeout=300,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return dict(np.load(tmp_path / "out.npz"))
 
 
 @pytest.mark.slow
