@@ -22,6 +22,7 @@ from alpt_keras.table import (
     check_float_dtype,
     checked_ids,
     combine,
+    sparse_bags,
 )
 from alpt_keras.two_pass import in_step_size_pass
 from alpt_keras.update import GroupSpec, TableSpec
@@ -322,7 +323,8 @@ class ALPTEmbedding(PhysicalTable):
     Ids must lie in `[0, input_dim)`; anything else is an error raised before
     any state changes. Inputs may be dense `[B]` or `[B, F]` (output
     `[B, D]` or `[B, F, D]`), or ragged/sparse multi-hot ids reduced with a
-    `combiner`. The layer does not run under XLA (`supports_jit = False`);
+    `combiner` (a sparse `[B, N]` row's bag is its stored values, wherever
+    they stand). The layer does not run under XLA (`supports_jit = False`);
     asked to, it raises a clear error.
 
     Args:
@@ -543,7 +545,7 @@ class ALPTEmbedding(PhysicalTable):
                 f"ALPTEmbeddingGroup '{self._member.group.name}': call the "
                 "group. Received: a call of the stacked table")
         if isinstance(inputs, tf.SparseTensor):
-            inputs = tf.RaggedTensor.from_sparse(inputs)
+            inputs = sparse_bags(inputs)
         if isinstance(inputs, tf.RaggedTensor):
             ids = self._to_ids(inputs.flat_values)
             rows = self._lookup(ids, training)  # (N, D)

@@ -29,6 +29,7 @@ from alpt_keras.table import (
     combine,
     fail_check,
     integer_ids,
+    sparse_bags,
 )
 from alpt_keras.update import GroupSpec
 from alpt_keras.update.table_spec import SHARED_SETTINGS
@@ -250,7 +251,7 @@ class ALPTEmbeddingGroup(PhysicalTable):
         flats = []
         for feature, ids in order:
             if isinstance(ids, tf.SparseTensor):
-                ids = tf.RaggedTensor.from_sparse(ids)
+                ids = sparse_bags(ids)
             if not isinstance(ids, tf.RaggedTensor):
                 ids = tf.convert_to_tensor(ids)
             shapes[feature] = ids

@@ -45,6 +45,21 @@ def combine(sums, counts, combiner):
     return sums / tf.sqrt(counts)
 
 
+def sparse_bags(ids):
+    """`ids` (a `tf.SparseTensor` `[B, N]`) as a `tf.RaggedTensor` of bags:
+    row `b` holds the stored values of row `b`, in column order, wherever
+    they stand (`[[3, _, 7]]` is the bag `[3, 7]`; implicit entries are
+    not ids). Unlike `RaggedTensor.from_sparse`, the values need not be
+    left-aligned."""
+    if ids.shape.rank is not None and ids.shape.rank != 2:
+        raise ValueError(
+            "Sparse ids must have rank 2 ([batch, ids per example]). "
+            f"Received: a SparseTensor of shape {ids.shape}")
+    ids = tf.sparse.reorder(ids)
+    return tf.RaggedTensor.from_value_rowids(
+        ids.values, ids.indices[:, 0], nrows=ids.dense_shape[0])
+
+
 def fail_check(data, condition=False):
     """A graph-mode check that raises `InvalidArgumentError` with `data`
     (strings and tensors, up to 10 values each) when `condition` is false.

@@ -1,6 +1,5 @@
 """What every benchmark records: the machine, and its JSON report."""
 
-import json
 import os
 import platform
 import time
@@ -9,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from alpt_keras import compat
+from alpt_keras.cli import run_dir
 
 
 def machine_info():
@@ -24,9 +24,10 @@ def default_output(name):
 
 
 def write_report(path, report):
+    """Writes `report` as JSON to `path` atomically (a kill leaves the old
+    report or the new one, never half of one)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+    run_dir.write_json(path, report)
     print(f"wrote {path}")
 
 

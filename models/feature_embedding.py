@@ -32,7 +32,9 @@ class FeatureEmbedding(keras.layers.Layer):
             `True`.
         **kwargs: base layer arguments.
 
-    Call returns float `[B, F, D]` in the order of `features`.
+    Call takes a dict `{feature name: ids}` (extra keys are ignored), or a
+    list of id tensors in the order of `features`, and returns float
+    `[B, F, D]` in the order of `features`.
 
     Example:
 
@@ -68,7 +70,10 @@ class FeatureEmbedding(keras.layers.Layer):
                     f"same TableConfig. Received: {known[0]} and {config}"
                 )
             if known is None:
-                tables[config.name] = (config, config.make_layer())
+                # The tables follow this layer's dtype policy (mixed
+                # precision: rows dequantize into the compute dtype).
+                tables[config.name] = (config, config.make_layer(
+                    dtype=self.dtype_policy))
         widths = {c.embedding_dim for c, _ in tables.values()}
         if len(widths) != 1:
             raise ValueError(
@@ -120,6 +125,20 @@ class FeatureEmbedding(keras.layers.Layer):
         self.built = True
 
     def call(self, inputs, training=None):
+        if isinstance(inputs, (list, tuple)):
+            if len(inputs) != len(self.features):
+                raise ValueError(
+                    f"FeatureEmbedding '{self.name}' takes a dict, or a list "
+                    f"of {len(self.features)} id tensors (features "
+                    f"{[f.name for f in self.features]}). Received: a list "
+                    f"of {len(inputs)}")
+            inputs = {f.name: ids for f, ids in
+                      zip(self.features, inputs, strict=True)}
+        if not isinstance(inputs, dict):
+            raise TypeError(
+                f"FeatureEmbedding '{self.name}' takes a dict feature name "
+                "-> ids, or a list in the order of `features`. Received: "
+                f"{type(inputs).__name__}")
         missing = [f.name for f in self.features if f.name not in inputs]
         if missing:
             raise ValueError(
@@ -174,7 +193,15 @@ class FeatureEmbedding(keras.layers.Layer):
         return tf.stack(columns, axis=1)  # (B, F, D)
 
     def compute_output_shape(self, input_shape):
-        return output_shape((None, len(self.features), self.embedding_dim))
+        shapes = list(input_shape.values()) if isinstance(input_shape, dict) \
+            else input_shape
+        batch = None
+        if isinstance(shapes, (list, tuple)) and shapes and not isinstance(
+                shapes[0], (int, type(None))):
+            first = shapes[0]
+            first = first.as_list() if hasattr(first, "as_list") else first
+            batch = first[0] if first else None
+        return output_shape((batch, len(self.features), self.embedding_dim))
 
     def get_config(self):
         config = super().get_config()

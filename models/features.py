@@ -71,8 +71,9 @@ class TableConfig:
                 f"Received: storage={self.storage!r} (table {self.name!r})"
             )
 
-    def make_layer(self):
-        """The table layer: `keras.layers.Embedding` or `ALPTEmbedding`."""
+    def make_layer(self, dtype=None):
+        """The table layer: `keras.layers.Embedding` or `ALPTEmbedding`,
+        with the dtype policy `dtype` (`None`: the global one)."""
         if self.kind == "float32":
             return keras.layers.Embedding(
                 self.vocabulary_size,
@@ -81,6 +82,7 @@ class TableConfig:
                     stddev=0.003, seed=self.seed
                 ),
                 name=self.name,
+                dtype=dtype,
             )
         return ALPTEmbedding(
             self.vocabulary_size,
@@ -92,6 +94,7 @@ class TableConfig:
             seed=self.seed,
             storage=self.storage,
             name=self.name,
+            dtype=dtype,
         )
 
     def get_config(self):

@@ -75,6 +75,27 @@ def test_ragged_sparse_and_dense_combiners(combiner):
     np.testing.assert_allclose(dense[0], expected[0], rtol=1e-6)
 
 
+def test_sparse_bags_need_not_be_left_aligned():
+    """A sparse row's bag is its stored values, wherever they stand and in
+    whatever order the indices come (a sparse tensor from
+    `tf.sparse.from_dense` has gaps; `RaggedTensor.from_sparse` refuses
+    them)."""
+    layer = ALPTEmbedding(V, D, seed=0, combiner="sum")
+    # Row 0: ids 3 and 7 at columns 0 and 2; row 1 empty; row 2: id 5 at
+    # column 3. Indices deliberately out of canonical order.
+    sparse = tf.SparseTensor(indices=[[2, 3], [0, 2], [0, 0]],
+                             values=tf.constant([5, 7, 3], tf.int64),
+                             dense_shape=[3, 4])
+    out = layer(sparse).numpy()
+    table = _table(layer)
+    expected = np.stack([table[3] + table[7], np.zeros(D, np.float32),
+                         table[5]])
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="rank 2"):
+        layer(tf.SparseTensor([[0, 0, 0]], tf.constant([1], tf.int64),
+                              [1, 1, 1]))
+
+
 def test_ragged_without_combiner_returns_ragged_rows():
     layer = ALPTEmbedding(V, D, seed=0)
     out = layer(tf.ragged.constant([[1, 2], [3]]))
