@@ -13,8 +13,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.13",
-    packages=["alpt_keras", "alpt_keras.update", "alpt_keras.models",
+    packages=["alpt_keras", "alpt_keras.update", "alpt_keras.kernels",
+              "alpt_keras.models",
               "alpt_keras.export", "alpt_keras.cli"],
+    # The kernels' C++ source, compiled on first use (alpt_keras/kernels).
+    package_data={"alpt_keras.kernels": ["*.cc"]},
     package_dir={
         "alpt_keras": "alpt_keras",
         "alpt_keras.models": "models",

@@ -290,6 +290,74 @@ class ALPTEmbeddingGroup(PhysicalTable):
             sizes, list(features))
         return self._lookup(global_ids, training, table_index), sizes
 
+    def lookup_matrix(self, features, ids, training=None):
+        """Rows of one id per feature and example: `ids` `[B, F]`, column
+        `f` holding feature `features[f]`'s ids, -> `[B, F, D]`.
+
+        The common CTR layout (every field one-hot) in O(1) ops whatever
+        `F` is: one id check (`[B, F]` against each column's `input_dim`),
+        one offset add, one gather and one dequantize, and no per-feature
+        split, reshape or concat on the way in or out (`lookup_flat` needs
+        `O(F)` of them). The features must look up distinct tables. Each
+        table's ids keep their batch order, so its rows' gradients sum in
+        the order of a separate table: the same numbers bitwise."""
+        self._ensure_built()
+        features = list(features)
+        tables = [self._feature_table[f] for f in features]
+        if len(set(tables)) < len(tables):
+            raise ValueError(
+                f"ALPTEmbeddingGroup '{self.name}': lookup_matrix takes "
+                "features of distinct tables (use the group's call for "
+                f"shared tables). Received: features {features}")
+        ids = ids if isinstance(ids, tf.Tensor) else tf.convert_to_tensor(ids)
+        if ids.shape.rank != 2 or ids.shape[1] not in (None, len(features)):
+            raise ValueError(
+                f"ALPTEmbeddingGroup '{self.name}': lookup_matrix takes ids "
+                f"[batch, {len(features)}] (one column per feature). "
+                f"Received: ids of shape {ids.shape}")
+        local = integer_ids(ids, f"ALPTEmbeddingGroup '{self.name}'")
+        spec = self.group_spec
+        limits = [spec.tables[t].input_dim for t in tables]
+        in_range = tf.cast(local, tf.uint64) < tf.constant(limits, tf.uint64)
+
+        def fail():
+            bad = tf.logical_not(in_range)
+            # The column of the first bad id (row-major).
+            row = tf.argmax(tf.cast(tf.reduce_any(bad, axis=1), tf.int32),
+                            output_type=tf.int32)
+            first = tf.argmax(tf.cast(tf.gather(bad, row), tf.int32),
+                              output_type=tf.int32)
+            names = [spec.tables[t].name for t in tables]
+            return self._range_failure(
+                local, tf.gather(tf.constant(features), first),
+                tf.gather(tf.constant(names), first),
+                tf.gather(tf.constant(limits, tf.int64), first),
+                tf.boolean_mask(local, bad))
+
+        checked = tf.cond(tf.reduce_all(in_range),
+                          lambda: tf.identity(local), fail)
+        offsets = tf.constant([spec.offsets[t] for t in tables], tf.int64)
+        global_ids = tf.reshape(checked + offsets, [-1])
+        table_index = None
+        if not spec.per_row:  # each row's Δ: its table's
+            table_index = tf.reshape(tf.broadcast_to(
+                tf.constant(tables, tf.int32), tf.shape(local)), [-1])
+        rows = self._lookup(global_ids, training, table_index)
+        return tf.reshape(rows, tf.concat(
+            [tf.shape(local), [self.output_dim]], axis=0))
+
+    def _range_failure(self, local, feature, table, input_dim, bad_ids):
+        """The failing branch of an id check: raises naming the feature,
+        its table and `input_dim`, and the first 10 offending ids."""
+        message = tf.strings.format(
+            f"ALPTEmbeddingGroup '{self.name}': ids must be in "
+            "[0, input_dim) of their table. Received out-of-range ids "
+            "for feature {} (table {}, input_dim={}); first 10: {}",
+            [feature, table, input_dim, bad_ids[:10]], summarize=10)
+        check = fail_check([message])
+        with tf.control_dependencies([check]):
+            return tf.identity(local)
+
     def _as_int64(self, feature, flat):
         # Float ids only if whole numbers, as in `ALPTEmbedding`.
         return integer_ids(
@@ -310,20 +378,14 @@ class ALPTEmbeddingGroup(PhysicalTable):
             first = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int32)
             feature_index = tf.repeat(tf.range(len(feature_names)), sizes)
             table = tf.gather(table_index, first)
-            message = tf.strings.format(
-                f"ALPTEmbeddingGroup '{self.name}': ids must be in "
-                "[0, input_dim) of their table. Received out-of-range ids "
-                "for feature {} (table {}, input_dim={}); first 10: {}",
-                [tf.gather(tf.constant(feature_names), tf.gather(
-                     feature_index, first)),
-                 tf.gather(tf.constant([t.name for t in spec.tables]), table),
-                 tf.gather(tf.constant([t.input_dim for t in spec.tables],
-                                       tf.int64), table),
-                 tf.boolean_mask(local, bad)[:10]],
-                summarize=10)
-            check = fail_check([message])
-            with tf.control_dependencies([check]):
-                return tf.identity(local)
+            return self._range_failure(
+                local,
+                tf.gather(tf.constant(feature_names),
+                          tf.gather(feature_index, first)),
+                tf.gather(tf.constant([t.name for t in spec.tables]), table),
+                tf.gather(tf.constant([t.input_dim for t in spec.tables],
+                                      tf.int64), table),
+                tf.boolean_mask(local, bad))
 
         checked = tf.cond(tf.reduce_all(in_range),
                           lambda: tf.identity(local), fail)

@@ -12,7 +12,8 @@ import functools
 
 import tensorflow as tf
 
-from alpt_keras import _keras, update
+from alpt_keras import _keras, kernels, update
+from alpt_keras.kernels import check_mode
 from alpt_keras.sharding import row_variables
 from alpt_keras.storage import read_state_rows, write_state_rows
 from alpt_keras.table import (
@@ -75,6 +76,10 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
             of the step-size rule.
         initial_accumulator_value: float >= 0, of the accumulators.
         step_size_gradient: `"one_pass"` (default) or `"two_pass"`.
+        kernels: `"auto"` (default: the environment variable
+            `ALPT_KERNELS`, else the native CPU kernels when they build),
+            `"native"` (required) or `"stock"` (TensorFlow ops only). Both
+            paths give bitwise the same tables; see `alpt_keras.kernels`.
         name: str.
 
     Example:
@@ -93,8 +98,8 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
                  step_size_learning_rate=None, beta_1=0.9, beta_2=0.999,
                  epsilon=1e-8, step_size_epsilon=1e-12,
                  initial_accumulator_value=0.0,
-                 step_size_gradient="one_pass", name="alpt_optimizer",
-                 **kwargs):
+                 step_size_gradient="one_pass", kernels="auto",
+                 name="alpt_optimizer", **kwargs):
         if kwargs:
             raise TypeError(
                 "ALPTOptimizer does not take these arguments: "
@@ -136,6 +141,7 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
         for field in dataclasses.fields(config):
             setattr(self, field.name, getattr(config, field.name))
         self.step_size_gradient = step_size_gradient
+        self.kernels = check_mode(kernels)
         self._alpt_built = False
         self._tables = []
         self._slots = []
@@ -418,18 +424,32 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
         """Per table: the unique ids (checked against the table), the
         row gradients summed per unique id, and whether all are finite."""
         touched, finite = [], tf.constant(True)
+        library = self._kernel_library(strategy)
         for table, (ids, values) in zip(tables, flat, strict=True):
             ids = strategy.experimental_local_results(ids)[0]
             values = strategy.experimental_local_results(values)[0]
-            unique_ids, positions = tf.unique(ids)
-            grads = tf.math.unsorted_segment_sum(
-                values, positions, tf.shape(unique_ids)[0])  # (U, D)
+            if library is not None:  # one pass, bitwise the stock ops'
+                unique_ids, positions, grads = kernels.unique_segment_sum(
+                    library, ids, values)
+            else:
+                unique_ids, positions = tf.unique(ids)
+                grads = tf.math.unsorted_segment_sum(
+                    values, positions, tf.shape(unique_ids)[0])  # (U, D)
             unique_ids = checked_ids(unique_ids, table.spec.input_dim,
                                      table.name)
             finite = tf.logical_and(
                 finite, tf.reduce_all(tf.math.is_finite(grads)))
             touched.append((table, ids, unique_ids, positions, grads))
         return touched, finite
+
+    @tf.autograph.experimental.do_not_convert  # Python only: build, load
+    def _kernel_library(self, strategy):
+        """The native kernels' op library for this step, or `None` (the
+        stock ops): see `alpt_keras.kernels`."""
+        if kernels.resolve(self.kernels) == "stock" or \
+                not kernels.usable_here(strategy):
+            return None
+        return kernels.load(self.kernels)
 
     def _update_tables(self, touched, writes, finite, carriers, aggregate,
                        count_step):
@@ -533,6 +553,7 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
             "inner_optimizer": keras.optimizers.serialize(self.inner_optimizer),
             **dataclasses.asdict(self.update_config),
             "step_size_gradient": self.step_size_gradient,
+            "kernels": self.kernels,
         }
 
     @classmethod

@@ -6,7 +6,9 @@ The workload of issue 6: one table of V = 2^20 rows x 16, a batch of
 forward + backward + update of the embedding alone (loss = Σ rows · c).
 Setups, all in the same process so their ratios are comparable:
 - `alpt`: `ALPTEmbedding` (8-bit, per-row Δ) + `ALPTOptimizer` defaults
-  (row-wise Adagrad rows, row-wise Δ rule, stochastic rounding);
+  (row-wise Adagrad rows, row-wise Δ rule, stochastic rounding; the
+  native kernels, `alpt_keras.kernels`, when they build);
+- `alpt_stock`: the same on stock TensorFlow ops only (`kernels="stock"`);
 - `alpt_packed`, `alpt4_packed`: the same with `storage="packed"` (8-bit
   and 4-bit codes bit-packed into int32 words);
 - `float32_sgd`: `keras.layers.Embedding` + Keras SGD (row-sparse on
@@ -17,7 +19,8 @@ Setups, all in the same process so their ratios are comparable:
 With `--layout criteo_like`, the 26 features look up 26 tables of the
 sizes of `alpt-train`'s default data (10 … 31,623 rows, 114,732 in all;
 feature i's ids are column i of the draw above `% V_i`). Setups: `alpt`
-(the 26 tables stacked in one `ALPTEmbeddingGroup`), `alpt_unstacked` (26
+(the 26 tables stacked in one `ALPTEmbeddingGroup`), `alpt_stock` (the
+same, stock ops only), `alpt_unstacked` (26
 `ALPTEmbedding` layers), `alpt_one_table` (one `ALPTEmbedding` of all
 114,732 rows, each feature's ids offset to its block: the same rows, no
 per-table cost), `float32_sgd` (26 `keras.layers.Embedding`), and the
@@ -54,21 +57,34 @@ from _report import (
     write_report,
 )
 
-from alpt_keras import ALPTEmbedding, ALPTEmbeddingGroup, ALPTOptimizer, compat
+from alpt_keras import (
+    ALPTEmbedding,
+    ALPTEmbeddingGroup,
+    ALPTOptimizer,
+    compat,
+    kernels,
+)
 
 keras = compat.keras
 
 
 # ALPT setups: name -> ALPTEmbedding arguments.
-ALPT_SETUPS = {"alpt": {}, "alpt_packed": {"storage": "packed"},
+ALPT_SETUPS = {"alpt": {}, "alpt_stock": {},
+               "alpt_packed": {"storage": "packed"},
                "alpt4_packed": {"storage": "packed", "num_bits": 4}}
+
+
+def _alpt_optimizer(name):
+    """`ALPTOptimizer` defaults; `*_stock` setups on stock ops only."""
+    return ALPTOptimizer(keras.optimizers.SGD(), kernels="stock"
+                         if name.endswith("_stock") else "auto")
 
 
 def _setup(name, rows, dim):
     if name in ALPT_SETUPS:
         layer = ALPTEmbedding(rows, dim, seed=0, name="table",
                               **ALPT_SETUPS[name])
-        optimizer = ALPTOptimizer(keras.optimizers.SGD())
+        optimizer = _alpt_optimizer(name)
     else:
         layer = keras.layers.Embedding(rows, dim, name="table")
         optimizer = (keras.optimizers.SGD(0.01) if name == "float32_sgd"
@@ -77,7 +93,8 @@ def _setup(name, rows, dim):
 
 
 LAYOUTS = ("one_table", "criteo_like")
-CRITEO_LIKE_SETUPS = ("alpt", "alpt_unstacked", "alpt_one_table",
+CRITEO_LIKE_SETUPS = ("alpt", "alpt_stock", "alpt_unstacked",
+                      "alpt_one_table",
                       "float32_sgd", "float32_adam")
 
 
@@ -94,7 +111,7 @@ class _Tables(keras.layers.Layer):
     def __init__(self, kind, sizes, dim, **kwargs):
         super().__init__(**kwargs)
         self.kind, self.sizes = kind, list(sizes)
-        names = [f"C{i + 1}" for i in range(len(sizes))]
+        names = self.names = [f"C{i + 1}" for i in range(len(sizes))]
         if kind == "alpt_one_table":
             self.offsets = np.cumsum([0] + self.sizes[:-1])
             self.layers_ = [ALPTEmbedding(sum(sizes), dim, seed=0,
@@ -104,7 +121,7 @@ class _Tables(keras.layers.Layer):
                       for i, (n, v) in enumerate(zip(names, sizes,
                                                      strict=True))]
             self.layers_ = [ALPTEmbeddingGroup(tables, name="group")] \
-                if kind == "alpt" else tables
+                if kind in ("alpt", "alpt_stock") else tables
         else:
             self.layers_ = [keras.layers.Embedding(v, dim, name=n)
                             for n, v in zip(names, sizes, strict=True)]
@@ -115,8 +132,9 @@ class _Tables(keras.layers.Layer):
         if self.kind == "alpt_one_table":
             shifted = ids + tf.constant(self.offsets, ids.dtype)
             return self.layers_[0](shifted, **kwargs)
-        if self.kind == "alpt":
-            return tf.stack(self.layers_[0](columns, **kwargs), axis=1)
+        if self.kind in ("alpt", "alpt_stock"):
+            # What `models.FeatureEmbedding` does with one-hot features.
+            return self.layers_[0].lookup_matrix(self.names, ids, **kwargs)
         return tf.stack([layer(c, **kwargs) for layer, c in
                          zip(self.layers_, columns, strict=True)], axis=1)
 
@@ -128,7 +146,7 @@ def make_step(name, ids, rows, dim, sizes=None):
         layer, optimizer = _setup(name, rows, dim)
     else:
         layer = _Tables(name, sizes, dim, name="tables")
-        optimizer = ALPTOptimizer(keras.optimizers.SGD()) \
+        optimizer = _alpt_optimizer(name) \
             if name.startswith("alpt") else (
                 keras.optimizers.SGD(0.01) if name == "float32_sgd"
                 else keras.optimizers.Adam(1e-3))
@@ -229,10 +247,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--setups", nargs="+", default=None,
-                        help="default: alpt, alpt_packed, alpt4_packed, "
-                             "float32_sgd, float32_adam (one_table); alpt, "
-                             "alpt_unstacked, alpt_one_table, float32_sgd "
-                             "(criteo_like)")
+                        help="default: alpt, alpt_stock, alpt_packed, "
+                             "alpt4_packed, float32_sgd, float32_adam "
+                             "(one_table); alpt, alpt_stock, alpt_unstacked, "
+                             "alpt_one_table, float32_sgd (criteo_like)")
     parser.add_argument("--layout", choices=LAYOUTS, default="one_table")
     parser.add_argument("--peer-python", default=None,
                         help="interpreter with the `peer` extra (torch + "
@@ -245,10 +263,10 @@ def main():
     args = parser.parse_args()
     criteo_like = args.layout == "criteo_like"
     if args.setups is None:
-        args.setups = ["alpt", "alpt_unstacked", "alpt_one_table",
-                       "float32_sgd"] if criteo_like else [
-            "alpt", "alpt_packed", "alpt4_packed", "float32_sgd",
-            "float32_adam"]
+        args.setups = ["alpt", "alpt_stock", "alpt_unstacked",
+                       "alpt_one_table", "float32_sgd"] if criteo_like else [
+            "alpt", "alpt_stock", "alpt_packed", "alpt4_packed",
+            "float32_sgd", "float32_adam"]
     known = CRITEO_LIKE_SETUPS if criteo_like else (
         *ALPT_SETUPS, "float32_sgd", "float32_adam")
     unknown = sorted(set(args.setups) - set(known))
@@ -297,6 +315,8 @@ def main():
         "fastest_float32": fastest["setup"] if fastest else None,
         "unique_ids_per_step": int(unique),
         "machine": machine_info(),
+        # Whether the `alpt*` setups (but `*_stock`) ran the native kernels.
+        "native_kernels": kernels.load() is not None,
         "results": results,
         "peer": peer,
     }

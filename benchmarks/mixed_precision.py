@@ -13,6 +13,9 @@ Round `r` runs every setup with `--seed r`, in turn, so drifting machine
 load hits all of them alike and each mixed setup is compared with its
 float32-compute twin of the same round and seed: the ratios are medians of
 those per-round ratios, the AUC/logloss are means over the rounds (seeds).
+ALPT setups are also compared with float32 tables at the same compute
+precision (`time_ratio_to_float32_tables`: the main job's ALPT-vs-float32
+training time).
 
     python benchmarks/mixed_precision.py           # full (~8 min)
     python benchmarks/mixed_precision.py --tiny    # smoke run for CI
@@ -73,8 +76,18 @@ def summarise(runs):
         losses = [r["metrics"]["test_logloss"] for _, r in reports]
         deltas = [r["metrics"]["test_auc"] - twin[seed]["metrics"]["test_auc"]
                   for seed, r in reports]
+        # ALPT against float32 tables at the same compute precision (the
+        # main job's ALPT-vs-float32 training time), when both ran.
+        tables_twin = setup.replace("alpt8", "float32", 1)
+        table_ratio = None
+        if setup.startswith("alpt8") and tables_twin in runs:
+            other = dict(runs[tables_twin])
+            table_ratio = statistics.median(
+                r["train_seconds"] / other[seed]["train_seconds"]
+                for seed, r in reports)
         rows.append({
             "setup": setup,
+            "time_ratio_to_float32_tables": table_ratio,
             "embedding": SETUPS[setup][0],
             "mixed_precision": SETUPS[setup][1],
             "baseline": baseline(setup),
@@ -116,10 +129,13 @@ def main(argv=None):
                       f"{report['metrics']['test_auc']:.4f}", flush=True)
     rows = summarise(runs)
     print(f"\n{'setup':18s} {'train s':>8s} {'vs f32 compute':>15s} "
+          f"{'vs f32 tables':>14s} "
           f"{'AUC':>7s} {'ΔAUC':>8s} {'logloss':>8s}")
     for r in rows:
+        tables = r["time_ratio_to_float32_tables"]
+        tables = f"{tables:13.2f}x" if tables is not None else f"{'-':>14s}"
         print(f"{r['setup']:18s} {r['train_seconds_median']:8.2f} "
-              f"{r['time_ratio_to_float32_compute']:14.2f}x "
+              f"{r['time_ratio_to_float32_compute']:14.2f}x {tables} "
               f"{r['test_auc_mean']:7.4f} "
               f"{r['auc_minus_float32_compute_mean']:+8.4f} "
               f"{r['test_logloss_mean']:8.4f}")

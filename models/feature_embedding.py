@@ -158,13 +158,18 @@ class FeatureEmbedding(keras.layers.Layer):
                 bags[feature.name] = bag
                 flat_ids[feature.name] = bag.flat_values
         if self._one_group_of_one_hot_features():
-            # The common CTR case (every feature one-hot, one group): the
-            # group's rows come out feature-major, [F·B, D] -> [B, F, D].
+            # The common CTR case (every feature one-hot, one group): one
+            # [B, F] id matrix, looked up in O(1) ops whatever F is.
             (group,) = self.groups
             names = [f.name for f in self.features]
-            rows, _ = group.lookup_flat(
-                names, [flat_ids[n] for n in names], training=training)
-            batch = tf.shape(flat_ids[names[0]])[0]
+            columns = [flat_ids[n] for n in names]
+            if len({c.dtype for c in columns}) == 1:
+                return group.lookup_matrix(
+                    names, tf.stack(columns, axis=1), training=training)
+            # Mixed id dtypes: per feature, rows come out feature-major,
+            # [F·B, D] -> [B, F, D].
+            rows, _ = group.lookup_flat(names, columns, training=training)
+            batch = tf.shape(columns[0])[0]
             return tf.transpose(tf.reshape(
                 rows, [len(names), batch, self.embedding_dim]), [1, 0, 2])
         rows = {}

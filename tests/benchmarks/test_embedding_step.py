@@ -12,8 +12,9 @@ def test_tiny_run_writes_complete_json(tmp_path):
     assert "vs fastest float32" in stdout
     assert report["benchmark"] == "embedding_step"
     setups = {r["setup"]: r for r in report["results"]}
-    assert set(setups) == {"alpt", "alpt_packed", "alpt4_packed",
-                           "float32_sgd", "float32_adam"}
+    assert set(setups) == {"alpt", "alpt_stock", "alpt_packed",
+                           "alpt4_packed", "float32_sgd", "float32_adam"}
+    assert isinstance(report["native_kernels"], bool)
     assert report["fastest_float32"] in ("float32_sgd", "float32_adam")
     for r in setups.values():
         assert r["examples_per_second"] > 0 and r["steps"] == 3

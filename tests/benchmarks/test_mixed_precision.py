@@ -19,6 +19,9 @@ def test_tiny_run_writes_complete_json(tmp_path):
         assert len(row["train_seconds"]) == report["rounds"] == 1
         assert 0.5 < row["test_auc_mean"] <= 1.0, row
         assert row["time_ratio_to_float32_compute"] > 0
+        # ALPT vs float32 tables at the same compute, where both ran.
+        assert (row["time_ratio_to_float32_tables"] is not None) == (
+            name in ("alpt8", "alpt8_bfloat16")), row
         if row["mixed_precision"] == "none":  # its own baseline
             assert row["baseline"] == name
             assert row["time_ratio_to_float32_compute"] == 1.0

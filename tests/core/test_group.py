@@ -304,7 +304,77 @@ def test_one_update_chain_per_group():
     group = _update_op_counts(ALPTEmbeddingGroup(tables), ids)
     single = _update_op_counts(_tables(CASES["rwada-row-8-int8-1p"])[0],
                                ids["table_a"])
-    for op in ("Unique", "UnsortedSegmentSum", "ResourceScatterUpdate",
+    for counts in (group, single):  # the native kernel does both at once
+        fused = counts.get("AlptUniqueSegmentSum", 0)
+        counts["dedup"] = counts.get("Unique", 0) + fused
+        counts["segment sum"] = counts.get("UnsortedSegmentSum", 0) + fused
+    for op in ("dedup", "segment sum", "ResourceScatterUpdate",
                "ResourceScatterAdd", "ResourceGather"):
         assert group.get(op, 0) == single.get(op, 0) > 0, (
             op, group.get(op), single.get(op))
+
+
+@pytest.mark.parametrize("mode", ["row", "table"])
+def test_one_id_per_feature_takes_the_matrix_lookup_bitwise(mode):
+    """One id per example and feature, looked up as one `[B, F]` matrix
+    (`lookup_matrix`: no per-feature split or concat, what
+    `FeatureEmbedding` does for one-hot features): 20 steps match separate
+    tables bitwise."""
+    rng = np.random.default_rng(0)
+    sizes = {"u": 30, "v": 40, "w": 25}
+    batches = [{n: tf.constant(np.minimum(rng.zipf(1.3, BATCH) - 1, v - 1))
+                for n, v in sizes.items()} for _ in range(STEPS)]
+    upstream = tf.constant(rng.standard_normal((BATCH, DIM)), tf.float32)
+
+    def train(stacked):
+        keras.backend.clear_session()
+        tables = [ALPTEmbedding(v, DIM, seed=i, name=n, step_size=mode)
+                  for i, (n, v) in enumerate(sizes.items())]
+        layers = [ALPTEmbeddingGroup(tables)] if stacked else tables
+        optimizer = ALPTOptimizer(keras.optimizers.SGD(0.1))
+
+        def lookup(batch):
+            if stacked:
+                rows = layers[0].lookup_matrix(
+                    list(sizes), tf.stack([batch[n] for n in sizes], axis=1),
+                    training=True)
+                return dict(zip(sizes, tf.unstack(rows, axis=1),
+                                strict=True))
+            return {t.name: t(batch[t.name], training=True) for t in tables}
+
+        lookup(batches[0])
+        variables = [v for layer in layers for v in layer.trainable_weights]
+        optimizer.build(variables)
+
+        @tf.function
+        def step(batch):
+            with tf.GradientTape() as tape:
+                out = lookup(batch)
+                loss = sum(tf.reduce_sum(out[n] * upstream * (i + 1))
+                           for i, n in enumerate(sizes))
+            optimizer.apply_gradients(zip(tape.gradient(loss, variables),
+                                          variables, strict=True))
+
+        if stacked:  # the matrix path, not the per-feature one
+            graph = step.get_concrete_function(batches[0]).graph
+            ops = [op.type for op in graph.get_operations()]
+            assert ops.count("SplitV") == 0 and ops.count("Unpack") == 1
+        def state():
+            out = {}
+            for table in alpt_keras.table.tables_of(
+                    [w for layer in layers for w in layer.weights]):
+                for spec, codes, steps in table.logical_values():
+                    out[spec.name] = (np.asarray(codes), np.asarray(steps))
+            return out
+
+        before = state()
+        for batch in batches:
+            step(batch)
+        return before, state()
+
+    (start, separate), (_, stacked) = train(False), train(True)
+    assert sorted(separate) == sorted(stacked) == sorted(sizes)
+    for name in sizes:
+        for a, b in zip(separate[name], stacked[name], strict=True):
+            assert a.tobytes() == b.tobytes(), name
+        assert separate[name][0].tobytes() != start[name][0].tobytes()

@@ -3,6 +3,7 @@ separate tables, and files that move between the two layouts."""
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import alpt_keras
 from alpt_keras import ALPTOptimizer
@@ -140,3 +141,49 @@ def test_stack_tables_false_keeps_separate_tables_and_round_trips():
     assert config["stack_tables"] is False
     clone = keras.Model.from_config(model.get_config())
     assert len(alpt_keras.tables(clone)) == 5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step_size", ["row", "table"])
+def test_one_hot_features_take_the_matrix_lookup_bitwise(step_size):
+    """Every feature one-hot in one group (the default CTR layout): the
+    group looks up one `[B, F]` id matrix (`lookup_matrix`), with each
+    table's ids in batch order, so 20 steps give bitwise what separate
+    tables give, per-table Δ included."""
+    features = simple_features({n: 50 + 9 * i for i, n in enumerate(NAMES)},
+                               embedding_dim=4, step_size=step_size)
+    x, y = _data()
+    x["f4"] = x["f4"][:, 0]
+    results = []
+    for stack_tables in (False, True):
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(0)
+        model = build_ctr_model(features, model="dnn", hidden_units=(8,),
+                                stack_tables=stack_tables)
+        model.compile(ALPTOptimizer(keras.optimizers.Adam(1e-2)),
+                      "binary_crossentropy")
+        model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0)
+        results.append((_logical(model), model.predict(x, verbose=0)))
+    (separate, p_sep), (stacked, p_st) = results
+    assert sorted(separate) == sorted(stacked) == NAMES
+    for name in separate:
+        for a, b in zip(separate[name], stacked[name], strict=True):
+            assert a.tobytes() == b.tobytes(), name
+    assert p_sep.tobytes() == p_st.tobytes()
+
+
+def test_the_matrix_lookup_names_the_feature_of_a_bad_id():
+    from alpt_keras.models import FeatureEmbedding
+
+    layer = FeatureEmbedding(simple_features({"user": 10, "item": 20}))
+    ok = {"user": np.array([1, 2]), "item": np.array([3, 4])}
+    layer(ok)
+    # 15 < 10 + 20 rows of the group, but not an id of "user".
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r'feature "user" \(table "user", '
+                             r'input_dim=10\); first 10: \[15\]'):
+        layer({"user": np.array([1, 15]), "item": np.array([3, 4])})
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match=r'feature "item" \(table "item", '
+                             r'input_dim=20\); first 10: \[-3\]'):
+        layer({"user": np.array([1, 2]), "item": np.array([-3, 4])})

@@ -1,0 +1,187 @@
+"""Native CPU kernels for the training step (issue 15).
+
+`alpt_kernels.cc` ships in the package and is compiled on first use with
+the installed TensorFlow's own flags (`tf.sysconfig.get_compile_flags()`,
+`get_link_flags()`) into a per-user cache, keyed by the TensorFlow
+version, the compiler and the source, then loaded with
+`tf.load_op_library`. The build is atomic: concurrent first uses take a
+file lock, compile to a temporary name and rename, so no process loads a
+half-written library.
+
+Which path runs:
+
+- `ALPTOptimizer(kernels=...)`: `"auto"` (the default) defers to the
+  environment variable `ALPT_KERNELS`; `"native"` requires the kernels
+  (a failed build is an error); `"stock"` never uses them.
+- `ALPT_KERNELS`: `auto` (default: the kernels when they build, else one
+  warning and the stock ops), `native` or `stock`.
+
+The kernels compute bit for bit what the stock ops they replace compute
+(`tests/core/test_kernels.py`). They run on CPU, in training steps only,
+never under ParameterServerStrategy (the ps tasks never load the library)
+nor for GPU tables; exported SavedModels never contain them.
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import threading
+import uuid
+import warnings
+
+import tensorflow as tf
+
+MODES = ("auto", "native", "stock")
+ENV = "ALPT_KERNELS"
+CACHE_ENV = "ALPT_KERNEL_CACHE"
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      "alpt_kernels.cc")
+# No -march=native: the library behaves the same on every x86-64 CPU,
+# and -ffp-contract=off keeps a*b+c from becoming a fused multiply-add.
+FLAGS = ["-std=c++17", "-shared", "-fPIC", "-O2", "-ffp-contract=off",
+         "-w"]
+
+_lock = threading.Lock()
+_loaded = {}  # "library" -> module, or "error" -> str
+logger = logging.getLogger(__name__)
+
+
+def check_mode(mode, argument="kernels"):
+    if mode not in MODES:
+        raise ValueError(f"`{argument}` must be one of {MODES}. "
+                         f"Received: {argument}={mode!r}")
+    return mode
+
+
+def env_mode():
+    mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(
+            f"The environment variable {ENV} must be one of {MODES}. "
+            f"Received: {ENV}={os.environ[ENV]!r}")
+    return mode
+
+
+def resolve(mode):
+    """The effective mode of an optimizer's `kernels` argument."""
+    check_mode(mode)
+    return env_mode() if mode == "auto" else mode
+
+
+def cache_dir():
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "alpt_keras", "kernels")
+
+
+def compiler():
+    """The C++ compiler: `$CXX`, else `g++`, else `c++` (None if none)."""
+    for name in ([os.environ["CXX"]] if os.environ.get("CXX")
+                 else ["g++", "c++"]):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _compiler_id(cxx):
+    proc = subprocess.run([cxx, "--version"], capture_output=True,
+                          text=True, timeout=60, check=False)
+    return proc.stdout.splitlines()[0] if proc.stdout else cxx
+
+
+def library_path(cxx):
+    """Where the library for this TensorFlow, compiler and source lives."""
+    with open(SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(b"\0".join([
+        source, tf.__version__.encode(), _compiler_id(cxx).encode(),
+        " ".join(FLAGS + tf.sysconfig.get_compile_flags()
+                 + tf.sysconfig.get_link_flags()).encode()])).hexdigest()
+    return os.path.join(cache_dir(), f"alpt_kernels-{key[:16]}.so")
+
+
+def build():
+    """Compiles the library if the cache does not hold it; returns its
+    path. Raises `RuntimeError` (with the compiler's message) on failure."""
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError(
+            "no C++ compiler found (set CXX, or install g++)")
+    path = library_path(cxx)
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time
+        if os.path.exists(path):  # another process built it meanwhile
+            return path
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        command = ([cxx] + FLAGS + [SOURCE, "-o", tmp]
+                   + tf.sysconfig.get_compile_flags()
+                   + tf.sysconfig.get_link_flags())
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True,
+                                  timeout=900, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"building {os.path.basename(SOURCE)} failed "
+                    f"({' '.join(command[:2])} ...):\n{proc.stderr[-2000:]}")
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+    return path
+
+
+@tf.autograph.experimental.do_not_convert  # called while steps trace
+def load(mode="auto"):
+    """The op library, or `None` for the stock path.
+
+    `mode` (`MODES`) as resolved by `resolve`: `"stock"` gives `None`;
+    `"native"` raises if the library cannot be built or loaded; `"auto"`
+    warns once and gives `None`.
+    """
+    mode = resolve(mode)
+    if mode == "stock":
+        return None
+    with _lock:
+        if "library" not in _loaded and "error" not in _loaded:
+            try:
+                _loaded["library"] = tf.load_op_library(build())
+            except (RuntimeError, OSError, subprocess.SubprocessError,
+                    tf.errors.OpError) as error:
+                _loaded["error"] = str(error)
+                if mode == "auto":
+                    warnings.warn(
+                        "alpt_keras: native kernels unavailable, using "
+                        f"stock TensorFlow ops ({error}). Set {ENV}=stock "
+                        "to silence this.", RuntimeWarning, stacklevel=3)
+        if "library" in _loaded:
+            return _loaded["library"]
+    if mode == "native":
+        raise RuntimeError(
+            "alpt_keras native kernels were required (kernels='native' or "
+            f"{ENV}=native) but are unavailable: {_loaded['error']}")
+    return None
+
+
+def usable_here(strategy):
+    """Whether kernels may run under `strategy`: CPU tables (no GPU
+    visible), and not ParameterServerStrategy (its ps tasks never load
+    the library)."""
+    if tf.config.list_logical_devices("GPU"):
+        return False
+    return "ParameterServer" not in type(strategy).__name__
+
+
+def unique_segment_sum(library, ids, values):
+    """`(unique_ids, positions, sums)`: bitwise `tf.unique(ids)` and
+    `tf.math.unsorted_segment_sum(values, positions, U)` on CPU."""
+    return library.alpt_unique_segment_sum(ids, values)

@@ -1,0 +1,259 @@
+"""Native CPU kernels (issue 15): bitwise the stock ops they replace, built
+atomically on first use, and a clean fallback without a compiler."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from alpt_keras import ALPTEmbedding, ALPTOptimizer, kernels
+from alpt_keras._keras import keras
+from tests.core import test_group
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+
+needs_compiler = pytest.mark.skipif(
+    kernels.compiler() is None, reason="no C++ compiler on this machine")
+
+
+@pytest.fixture(scope="module")
+def library():
+    if kernels.compiler() is None:
+        pytest.skip("no C++ compiler on this machine")
+    return kernels.load("native")
+
+
+def _stock(ids, values):
+    unique, positions = tf.unique(ids)
+    return unique, positions, tf.math.unsorted_segment_sum(
+        values, positions, tf.shape(unique)[0])
+
+
+def _inputs():
+    """name -> (ids [N] int64, values [N, D] float32)."""
+    rng = np.random.default_rng(0)
+    zipf = (rng.zipf(1.2, 20_000) % 5_000).astype("int64")
+    awkward = rng.standard_normal((12, 3)).astype("float32")
+    # -0.0 alone in a segment (stock: +0.0 + -0.0 = +0.0), NaN, ±Inf,
+    # and the int64 extremes as ids.
+    awkward[0] = [-0.0, np.nan, np.inf]
+    awkward[5] = [-0.0, -np.inf, 1e38]
+    awkward[7] = [1e38, 1.0, -0.0]
+    return {
+        "zipf_d16": (zipf, rng.standard_normal((20_000, 16)).astype(
+            "float32")),
+        "awkward": (np.array([7, -1, 2**63 - 1, -2**63, 7, 0, 3, 7, -1, 0,
+                              5, 2**63 - 1], "int64"), awkward),
+        "one_column": (zipf[:500], rng.standard_normal((500, 1)).astype(
+            "float32")),
+        "empty": (np.zeros([0], "int64"), np.zeros([0, 4], "float32")),
+        "all_distinct": (np.arange(1000, 0, -1).astype("int64"),
+                         rng.standard_normal((1000, 5)).astype("float32")),
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_inputs()))
+def test_unique_segment_sum_is_bitwise_the_stock_ops(library, name):
+    ids, values = _inputs()[name]
+    want = _stock(tf.constant(ids), tf.constant(values))
+    got = kernels.unique_segment_sum(library, tf.constant(ids),
+                                     tf.constant(values))
+    for w, g, what in zip(want, got, ("unique ids", "positions", "sums"),
+                          strict=True):
+        w, g = w.numpy(), g.numpy()
+        assert (w.dtype, w.shape) == (g.dtype, g.shape), what
+        # Bitwise: NaN payloads, signed zeros and rounding included.
+        assert w.tobytes() == g.tobytes(), what
+
+
+def test_the_bitwise_comparison_can_fail(library):
+    """Negative control: the same sums in another order (rows reversed)
+    differ in some bit, so the comparisons above can tell orders apart."""
+    ids, values = _inputs()["zipf_d16"]
+    _, _, want = _stock(tf.constant(ids), tf.constant(values))
+    _, _, reversed_sums = kernels.unique_segment_sum(
+        library, tf.constant(ids[::-1]), tf.constant(values[::-1]))
+    # Same segments (the reversed ids' unique order differs: realign).
+    unique_fwd = tf.unique(tf.constant(ids))[0].numpy()
+    unique_rev = tf.unique(tf.constant(ids[::-1]))[0].numpy()
+    order = {u: i for i, u in enumerate(unique_rev)}
+    realigned = reversed_sums.numpy()[[order[u] for u in unique_fwd]]
+    np.testing.assert_allclose(realigned, want.numpy(), rtol=1e-4,
+                               atol=1e-4)
+    assert realigned.tobytes() != want.numpy().tobytes()
+
+
+def test_bad_shapes_are_refused(library):
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError),
+                       match="values must be|Dimension|shape"):
+        library.alpt_unique_segment_sum(
+            tf.constant([1, 2], tf.int64), tf.zeros([3, 4]))
+
+
+def _train_step_ops(mode, monkeypatch):
+    monkeypatch.setenv(kernels.ENV, mode)
+    table = ALPTEmbedding(50, 4, seed=0, name="t")
+    optimizer = ALPTOptimizer(keras.optimizers.SGD(0.1))
+    ids = tf.constant([[1, 2], [2, 3]], tf.int64)
+    table(ids)
+    optimizer.build(table.trainable_variables)
+
+    @tf.function
+    def step(ids):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(table(ids, training=True))
+        variables = table.trainable_variables
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables),
+                                      variables, strict=True))
+
+    graph = step.get_concrete_function(ids).graph.as_graph_def()
+    # The step's ops and those of its functions (cond branches).
+    return [n.op for n in graph.node] + [
+        n.op for f in graph.library.function for n in f.node_def]
+
+
+@needs_compiler
+def test_the_training_step_uses_the_kernel_only_when_asked(monkeypatch):
+    native = _train_step_ops("native", monkeypatch)
+    assert "AlptUniqueSegmentSum" in native
+    assert "Unique" not in native and "UnsortedSegmentSum" not in native
+    stock = _train_step_ops("stock", monkeypatch)
+    assert "AlptUniqueSegmentSum" not in stock
+    assert "Unique" in stock and "UnsortedSegmentSum" in stock
+
+
+@needs_compiler
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(test_group.CASES))
+def test_kernel_and_stock_paths_train_bitwise_alike(name, monkeypatch,
+                                                    mirrored_strategy):
+    """20 steps of `tests/core/test_group.py`'s cases (8/4/2 bits, int8
+    and packed, row-wise Adagrad and lazy Adam, per-row and per-table Δ,
+    one- and two-pass, a shared table, MirroredStrategy over 2 CPUs),
+    stacked and, for the first case, as separate tables: codes, Δ, every
+    slot, dense weights and counters are bitwise equal."""
+    case = test_group.CASES[name]
+    layouts = (True, False) if name == sorted(test_group.CASES)[0] \
+        else (True,)
+    for stacked in layouts:
+        results = {}
+        for mode in ("native", "stock"):
+            monkeypatch.setenv(kernels.ENV, mode)
+            keras.backend.clear_session()
+            results[mode] = test_group._run(case, stacked, mirrored_strategy)
+        (before, native), (_, stock) = results["native"], results["stock"]
+        differ = sorted(k for k in native
+                        if native[k].tobytes() != stock[k].tobytes())
+        assert not differ, f"{name} (stacked={stacked}): {differ}"
+        assert int(native["table_iterations"]) == test_group.STEPS
+        moved = [k for k in before if k.endswith("/codes")
+                 and before[k].tobytes() != native[k].tobytes()]
+        assert moved, "the tables did not train"
+
+
+def _python(code, env):
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+        text=True, timeout=600, cwd=ROOT,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env})
+
+
+TRAIN = """
+    import json, warnings
+    import numpy as np
+    import alpt_keras
+    from alpt_keras import ALPTEmbedding, ALPTOptimizer, kernels
+    from alpt_keras.compat import keras
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = keras.Input(shape=(2,), dtype="int64")
+        out = keras.layers.Dense(1)(keras.layers.Flatten()(
+            ALPTEmbedding(20, 4, seed=0, name="t")(ids)))
+        model = keras.Model(ids, out)
+        model.compile(ALPTOptimizer(keras.optimizers.SGD(0.1)), "mse")
+        x = np.arange(64).reshape(32, 2) % 20
+        model.fit(x, np.zeros(32), batch_size=8, epochs=2, verbose=0)
+    print(json.dumps({
+        "steps": int(model.optimizer.iterations.numpy()),
+        "warnings": [str(w.message) for w in caught
+                     if "native kernels" in str(w.message)]}))
+"""
+
+
+def test_no_compiler_falls_back_to_stock_ops_with_one_warning(tmp_path):
+    """A machine without a compiler (CXX names none, empty cache): training
+    runs on the stock ops, after exactly one warning."""
+    env = {"CXX": str(tmp_path / "no-such-compiler"),
+           kernels.CACHE_ENV: str(tmp_path / "cache"), kernels.ENV: "auto"}
+    proc = _python(TRAIN, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 8
+    assert len(result["warnings"]) == 1, result
+    assert "no C++ compiler" in result["warnings"][0]
+    assert not os.listdir(tmp_path / "cache") if (
+        tmp_path / "cache").exists() else True
+
+
+def test_native_without_compiler_is_a_clear_error(tmp_path):
+    env = {"CXX": str(tmp_path / "no-such-compiler"),
+           kernels.CACHE_ENV: str(tmp_path / "cache"),
+           kernels.ENV: "native"}
+    proc = _python(TRAIN, env)
+    assert proc.returncode != 0
+    assert "native kernels were required" in proc.stderr
+    assert "no C++ compiler" in proc.stderr
+
+
+@needs_compiler
+def test_concurrent_first_builds_share_one_library(tmp_path):
+    """Two processes building into one empty cache at once: both load the
+    same library; no temporary file is left behind."""
+    code = """
+        from alpt_keras import kernels
+        import tensorflow as tf
+        path = kernels.build()
+        tf.load_op_library(path)
+        print(path)
+    """
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+           kernels.CACHE_ENV: str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT, env=env)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]
+    paths = {o.strip().splitlines()[-1] for o, _ in outs}
+    assert len(paths) == 1
+    files = sorted(os.listdir(tmp_path))
+    assert [f for f in files if f.endswith(".so")] == \
+        [os.path.basename(paths.pop())]
+    assert not [f for f in files if f.endswith(".tmp")]
+
+
+def test_modes_are_checked(monkeypatch):
+    with pytest.raises(ValueError, match="`kernels` must be one of"):
+        ALPTOptimizer(keras.optimizers.SGD(), kernels="fast")
+    monkeypatch.setenv(kernels.ENV, "fast")
+    with pytest.raises(ValueError, match="ALPT_KERNELS='fast'"):
+        kernels.resolve("auto")
+    assert kernels.resolve("stock") == "stock"  # the argument wins
+    optimizer = ALPTOptimizer(keras.optimizers.SGD(), kernels="stock")
+    assert ALPTOptimizer.from_config(optimizer.get_config()).kernels == \
+        "stock"
+
+
+def test_parameter_server_and_gpu_tables_take_the_stock_path():
+    class ParameterServerStrategyV2:  # the name is what is checked
+        pass
+
+    assert not kernels.usable_here(ParameterServerStrategyV2())
+    assert kernels.usable_here(tf.distribute.get_strategy()) == (
+        not tf.config.list_logical_devices("GPU"))
