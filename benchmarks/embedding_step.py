@@ -45,6 +45,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -93,6 +94,9 @@ def _setup(name, rows, dim):
 
 
 LAYOUTS = ("one_table", "criteo_like")
+# Setups whose step `alpt_step_bytes` describes (int8, per-row Δ, defaults).
+BYTES_MODEL_SETUPS = ("alpt", "alpt_stock", "alpt_unstacked",
+                      "alpt_one_table")
 CRITEO_LIKE_SETUPS = ("alpt", "alpt_stock", "alpt_unstacked",
                       "alpt_one_table",
                       "float32_sgd", "float32_adam")
@@ -178,6 +182,40 @@ def table_and_state_bytes(step):
         v for v in step.optimizer.variables if len(v.shape) == 2]
     return int(sum(np.prod(v.shape) * tf.as_dtype(v.dtype).size
                    for v in variables))
+
+
+def alpt_step_bytes(n, u, d):
+    """Bytes an ALPT step (int8 codes, per-row Δ, row-wise Adagrad rows,
+    row-wise Δ rule) must read and write at least: its tensors' sizes,
+    for `n` ids, `u` unique rows and width `d` (intermediates of the row
+    math, which stay in cache, aside).
+
+    - forward: ids 8n, codes nd and Δ 4n read; rows 4nd written;
+    - backward: the upstream gradient 4nd read; row gradients 4nd written;
+    - dedup + sums: ids 8n and row gradients 4nd read; unique ids 8u,
+      positions 4n and sums 4ud written;
+    - update: codes ud, Δ, accumulator and Δ accumulator 12u, sums 4ud
+      read; codes ud and the three float rows 12u written.
+    """
+    read = n * (8 + d + 4) + 4 * n * d + (8 * n + 4 * n * d) + (
+        u * d + 12 * u + 4 * u * d)
+    written = 4 * n * d + 4 * n * d + (8 * u + 4 * n + 4 * u * d) + (
+        u * d + 12 * u)
+    return {"read": int(read), "written": int(written)}
+
+
+def memory_copy_gb_per_s(megabytes=256, repeats=5):
+    """The machine's memory bandwidth, as a large array copy (NumPy,
+    one thread): bytes read + written per second, median of `repeats`."""
+    source = np.ones(megabytes * 2**20 // 4, np.float32)
+    target = np.empty_like(source)
+    np.copyto(target, source)  # touch the pages
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        times.append(time.perf_counter() - start)
+    return 2 * source.nbytes / float(np.median(times)) / 1e9
 
 
 def _peer_turn(python, rows, dim, batch, features, steps, warmup,
@@ -287,9 +325,13 @@ def main():
             1.2, size=(args.batch, args.features)) % np.asarray(sizes)
     else:
         ids = workload_ids(args.batch, args.features, args.rows)
+    # Memory bandwidth in the same run, before and after the setups.
+    copy_size = 16 if args.tiny else 256
+    bandwidth = [memory_copy_gb_per_s(copy_size)]
     results, peer = measure_all(args.setups, ids, args.rows, args.dim,
                                 args.steps, args.warmup, args.rounds,
                                 args.peer_python, sizes)
+    bandwidth.append(memory_copy_gb_per_s(copy_size))
     # The baseline is the fastest TensorFlow float32 setup.
     float32 = [r for r in results if r["setup"].startswith("float32")]
     fastest = max(float32, key=lambda r: r["examples_per_second"],
@@ -303,13 +345,26 @@ def main():
           f"median of {args.steps * args.rounds} steps, setups "
           f"interleaved ({args.rounds} rounds of {args.steps})")
     print(f"{'setup':<16}{'examples/s':>14}{'ms/step':>10}"
-          f"{'vs fastest float32':>20}")
+          f"{'vs fastest float32':>20}{'GB/s':>10}")
+    step_bytes = alpt_step_bytes(int(np.prod(ids.shape)), int(unique),
+                                 args.dim)
     for r in results:
         ratio = (r["examples_per_second"] / fastest["examples_per_second"]
                  if fastest else float("nan"))
         r["ratio_to_fastest_float32"] = ratio
+        traffic = ""
+        if r["setup"] in BYTES_MODEL_SETUPS:
+            r["step_bytes"] = step_bytes
+            moved = step_bytes["read"] + step_bytes["written"]
+            r["achieved_gb_per_s"] = moved / r["median_step_seconds"] / 1e9
+            traffic = f"{r['achieved_gb_per_s']:>10.2f}"
         print(f"{r['setup']:<16}{r['examples_per_second']:>14,.0f}"
-              f"{1000 * r['median_step_seconds']:>10.1f}{ratio:>20.2f}")
+              f"{1000 * r['median_step_seconds']:>10.1f}{ratio:>20.2f}"
+              f"{traffic}")
+    print(f"ALPT step moves at least {step_bytes['read'] / 1e6:.1f} MB read "
+          f"+ {step_bytes['written'] / 1e6:.1f} MB written (GB/s column); "
+          f"memory copy in this run: {bandwidth[0]:.1f} / "
+          f"{bandwidth[1]:.1f} GB/s (before / after)")
     report = {
         "benchmark": "embedding_step", "config": vars(args),
         "fastest_float32": fastest["setup"] if fastest else None,
@@ -317,6 +372,8 @@ def main():
         "machine": machine_info(),
         # Whether the `alpt*` setups (but `*_stock`) ran the native kernels.
         "native_kernels": kernels.load() is not None,
+        # A large array copy (read + write) before and after the setups.
+        "memory_copy_gb_per_s": bandwidth,
         "results": results,
         "peer": peer,
     }

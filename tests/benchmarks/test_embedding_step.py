@@ -15,6 +15,14 @@ def test_tiny_run_writes_complete_json(tmp_path):
     assert set(setups) == {"alpt", "alpt_stock", "alpt_packed",
                            "alpt4_packed", "float32_sgd", "float32_adam"}
     assert isinstance(report["native_kernels"], bool)
+    # Bytes and bandwidth: the ALPT step's traffic and a memory copy.
+    assert len(report["memory_copy_gb_per_s"]) == 2
+    assert all(b > 0 for b in report["memory_copy_gb_per_s"])
+    for name in ("alpt", "alpt_stock"):
+        moved = setups[name]["step_bytes"]
+        assert moved["read"] > 0 and moved["written"] > 0
+        assert setups[name]["achieved_gb_per_s"] > 0
+    assert "step_bytes" not in setups["float32_sgd"]
     assert report["fastest_float32"] in ("float32_sgd", "float32_adam")
     for r in setups.values():
         assert r["examples_per_second"] > 0 and r["steps"] == 3
