@@ -25,7 +25,6 @@ nor for GPU tables; exported SavedModels never contain them.
 import contextlib
 import fcntl
 import hashlib
-import logging
 import os
 import shutil
 import subprocess
@@ -47,7 +46,6 @@ FLAGS = ["-std=c++17", "-shared", "-fPIC", "-O2", "-ffp-contract=off",
 
 _lock = threading.Lock()
 _loaded = {}  # "library" -> module, or "error" -> str
-logger = logging.getLogger(__name__)
 
 
 def check_mode(mode, argument="kernels"):
