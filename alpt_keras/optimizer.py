@@ -390,7 +390,9 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
         unchanged.
         """
         bad = tf.add_n(strategy.experimental_local_results(bad))
-        touched, finite = self._sum_table_gradients(strategy, tables, flat)
+        library = self._kernel_library(strategy) if tables else None
+        touched, finite = self._sum_table_gradients(tables, flat, library,
+                                                    strategy)
         # The id checks (asserts) gate the decision, hence every write.
         with tf.control_dependencies([ids for _, _, ids, _, _ in touched]):
             finite = tf.logical_and(finite, tf.equal(bad, 0))
@@ -403,7 +405,8 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
                 lambda: tf.constant(False)))
         if touched:
             return self._update_tables(touched, writes, finite, carriers,
-                                       aggregate, not dense_vars)
+                                       aggregate, not dense_vars, library,
+                                       strategy)
         return self._count_step(writes, finite, False)
 
     def _apply_dense(self, strategy, dense_grads, dense_vars, args, kwargs):
@@ -420,11 +423,10 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
             apply(dense_grads)
         return tf.constant(True)
 
-    def _sum_table_gradients(self, strategy, tables, flat):
+    def _sum_table_gradients(self, tables, flat, library, strategy):
         """Per table: the unique ids (checked against the table), the
         row gradients summed per unique id, and whether all are finite."""
         touched, finite = [], tf.constant(True)
-        library = self._kernel_library(strategy)
         for table, (ids, values) in zip(tables, flat, strict=True):
             ids = strategy.experimental_local_results(ids)[0]
             values = strategy.experimental_local_results(values)[0]
@@ -452,7 +454,7 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
         return kernels.load(self.kernels)
 
     def _update_tables(self, touched, writes, finite, carriers, aggregate,
-                       count_step):
+                       count_step, library=None, strategy=None):
         """Cross-replica: computes every table's new rows once, writes them.
 
         Computing once and writing the same tensors to every copy keeps the
@@ -461,12 +463,25 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
         get their optimizer state and the codes `Q_D(w'; Δ)` now (what the
         second pass reads); their Δ and final codes wait for
         `apply_step_size_gradients`.
+
+        With the native kernels, a table the fused step supports
+        (`kernels.fused_step_supported`) is read, updated and written in
+        place by one op per copy, bitwise the same.
         """
         step = tf.convert_to_tensor(self._table_iterations)
         pending = []
         for i, (table, ids, unique_ids, positions, grads) in enumerate(
                 touched):
             slots = self.table_slots(table)
+            if library is not None and kernels.fused_step_supported(
+                    table, self.update_config, carriers is not None):
+                ops = kernels.fused_table_step(
+                    library, strategy, table, slots, unique_ids, grads,
+                    step, finite, self.update_config,
+                    self.step_size_hyperparameters(table.spec.step_size_mode))
+                if ops is not None:
+                    writes += ops
+                    continue
             codes = table.storage.read_rows(unique_ids)  # (U, D) int32
             step_size = table.read_step_sizes(unique_ids)  # (U|T, 1)
             location = update.locate(table.spec, unique_ids)

@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import threading
@@ -39,10 +40,18 @@ ENV = "ALPT_KERNELS"
 CACHE_ENV = "ALPT_KERNEL_CACHE"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       "alpt_kernels.cc")
-# No -march=native: the library behaves the same on every x86-64 CPU,
-# and -ffp-contract=off keeps a*b+c from becoming a fused multiply-add.
-FLAGS = ["-std=c++17", "-shared", "-fPIC", "-O2", "-ffp-contract=off",
-         "-w"]
+# No -march=native: the library behaves the same on every CPU that runs
+# the installed TensorFlow. -ffp-contract=off keeps a*b+c from becoming a
+# fused multiply-add; without -ffast-math nothing is reordered, so -O3's
+# vectorised loops give the scalar IEEE results bit for bit.
+# -fno-trapping-math only lets selects be vectorised (values unchanged:
+# it concerns floating-point exception flags, which nothing reads). On
+# x86-64, -mavx: TensorFlow's own wheels require AVX, and it vectorises
+# floor (AVX alone has no FMA).
+FLAGS = ["-std=c++17", "-shared", "-fPIC", "-O3", "-ffp-contract=off",
+         "-fno-trapping-math", "-w"] + (
+             ["-mavx"] if platform.machine().lower() in ("x86_64", "amd64")
+             else [])
 
 _lock = threading.Lock()
 _loaded = {}  # "library" -> module, or "error" -> str
@@ -183,3 +192,83 @@ def unique_segment_sum(library, ids, values):
     """`(unique_ids, positions, sums)`: bitwise `tf.unique(ids)` and
     `tf.math.unsorted_segment_sum(values, positions, U)` on CPU."""
     return library.alpt_unique_segment_sum(ids, values)
+
+
+# The one-pass table step `AlptRowwiseAdagradStep` computes in place.
+FUSED_TABLE_RULE = "rowwise_adagrad"
+FUSED_STEP_SIZE_RULE = "rowwise"
+
+
+def fused_step_supported(table, config, two_pass):
+    """Whether `AlptRowwiseAdagradStep` runs `table`'s whole update:
+    row-wise Adagrad, per-row Δ learned by the "rowwise" rule (or not
+    learned), int8 or packed codes, a one-pass step, and variables local
+    to the process (plain or mirrored, not sharded). Anything else takes
+    the stock ops (bitwise the same math, more passes)."""
+    spec = table.spec
+    if config.embedding_optimizer != FUSED_TABLE_RULE or not spec.per_row:
+        return False
+    if spec.learn_step_size and (
+            two_pass or config.step_size_optimizer != FUSED_STEP_SIZE_RULE):
+        return False
+    return table.storage.kind in ("int8", "packed")
+
+
+def _components(strategy, variable):
+    """The per-device `tf.Variable`s behind `variable` (one, or one per
+    replica of a mirrored variable); `None` if any is not a plain
+    resource variable (sharded, or remote)."""
+    from alpt_keras import _keras  # noqa: PLC0415 (import cycle)
+    variable = _keras.tf_variable(variable)
+    parts = strategy.experimental_local_results(variable)
+    if not all(hasattr(p, "handle") and not hasattr(p, "variables")
+               for p in parts):
+        return None
+    return list(parts)
+
+
+def fused_table_step(library, strategy, table, slots, unique_ids, grads,
+                     step, apply, config, step_size_hyper):
+    """The ops that run `table`'s one-pass step on rows `unique_ids` with
+    summed gradients `grads` in place (one per replica's copy), or `None`
+    when its variables are not local (then the stock ops run).
+
+    Bitwise `update.table_step` + the stock scatters: the same IEEE
+    operations in the same order, with the column reductions in the
+    documented order (`alpt_keras.update.step`). `apply` (bool scalar):
+    where false, nothing is written."""
+    from alpt_keras import quantizers  # noqa: PLC0415 (import cycle)
+    from alpt_keras.update.table_spec import as_group  # noqa: PLC0415
+    group = as_group(table.spec)
+    learn = group.learn_step_size
+    variables = [table.storage.variable, table.step_sizes,
+                 slots["accumulator"]]
+    if learn:
+        variables.append(slots["step_size_accumulator"])
+    parts = [_components(strategy, v) for v in variables]
+    if any(p is None for p in parts) or len({len(p) for p in parts}) != 1:
+        return None
+    hyper = config.embedding_hyperparameters
+    keys = quantizers.hash_key(
+        tf.constant([t.seed for t in group.tables], tf.int64),
+        tf.constant([t.salt for t in group.tables], tf.int64), step)
+    # Python floats become float32 exactly as in the stock ops' graph.
+    constants = tf.constant([
+        hyper.learning_rate, hyper.epsilon, step_size_hyper.learning_rate,
+        step_size_hyper.epsilon,
+        quantizers.lsq_gradient_scale(group.output_dim, group.num_bits),
+        group.min_step_size], tf.float32)
+    offsets = tf.constant(group.offsets, tf.int64)
+    ops = []
+    for replica in zip(*parts, strict=True):
+        with tf.device(replica[0].device):
+            ops.append(library.alpt_rowwise_adagrad_step(
+                codes=replica[0].handle, step_sizes=replica[1].handle,
+                accumulator=replica[2].handle,
+                step_size_accumulator=[r.handle for r in replica[3:]],
+                ids=unique_ids, grads=grads, offsets=offsets, keys=keys,
+                hyper=constants, apply=apply,
+                num_bits=group.num_bits,
+                packed=table.storage.kind == "packed",
+                stochastic=group.rounding == "stochastic"))
+    return ops

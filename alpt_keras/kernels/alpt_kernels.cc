@@ -7,18 +7,23 @@
 // add in (documented per op), with plain IEEE float32 additions; the build
 // uses -ffp-contract=off (no fused multiply-adds) and no -march=native.
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/shape_inference.h"
 
 namespace alpt {
 namespace {
 
 using ::tensorflow::DEVICE_CPU;
+using ::tensorflow::Var;
 using ::tensorflow::OpKernel;
 using ::tensorflow::OpKernelConstruction;
 using ::tensorflow::OpKernelContext;
@@ -139,6 +144,411 @@ class UniqueSegmentSumOp : public OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("AlptUniqueSegmentSum").Device(DEVICE_CPU),
                         UniqueSegmentSumOp);
+
+// ---------------------------------------------------------------------------
+// AlptRowwiseAdagradStep: the whole one-pass table step of the touched rows,
+// read, computed and written in place (alpt_keras.update.table_step with
+// embedding_optimizer="rowwise_adagrad", step_size_optimizer="rowwise",
+// per-row Δ), so no row is gathered or scattered by separate ops.
+
+REGISTER_OP("AlptRowwiseAdagradStep")
+    .Input("codes: resource")
+    .Input("step_sizes: resource")
+    .Input("accumulator: resource")
+    .Input("step_size_accumulator: num_step_size_slots * resource")
+    .Input("ids: int64")
+    .Input("grads: float")
+    .Input("offsets: int64")
+    .Input("keys: uint32")
+    .Input("hyper: float")
+    .Input("apply: bool")
+    .Attr("num_step_size_slots: int >= 0")
+    .Attr("num_bits: int >= 2")
+    .Attr("packed: bool")
+    .Attr("stochastic: bool")
+    .SetIsStateful()
+    .SetShapeFn(shape_inference::NoOutputs)
+    .Doc(R"doc(
+One ALPT table step of the unique rows `ids` (global ids of a group, each
+in [0, V)) with their summed gradients `grads` [U, D]: row-wise Adagrad on
+`w = Δ·ŵ`, then (when `num_step_size_slots` is 1) the "rowwise" rule on the
+per-row Δ from the LSQ gradient, then the codes `clip(R(w'/Δ'))`, written
+into the variables in place. Bitwise what alpt_keras.update.table_step and
+the optimizer's scatters compute on CPU (same elementwise IEEE operations
+and the documented column-reduction order). `offsets` [T+1] are the group's
+row offsets and `keys` [T] the uint32 noise keys hash_key(seed, salt, step)
+of its logical tables; `hyper` = [lr, epsilon, step_size_lr,
+step_size_epsilon, lsq_scale, min_step_size]. When `apply` is false
+nothing is read or written (a skipped step).
+)doc");
+
+// lowbias32-style finaliser of alpt_keras.quantizers._mix32 (uint32 wraps).
+inline uint32_t Mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352DU;
+  x ^= x >> 15;
+  x *= 0x2C1B3C6DU;
+  x ^= x >> 16;
+  return x;
+}
+
+// tf.reduce_sum(x, axis=-1) of one row on CPU (TensorFlow's AVX build), in
+// the order alpt_keras/update/step.py documents ("Reduction order") and
+// tests/core/test_update.py checks against TensorFlow.
+inline float ColumnSum(const float* x, int64_t d) {
+  const int64_t blocks = d / 8;
+  float scalar = 0.0f;
+  for (int64_t j = 8 * blocks; j < d; ++j) scalar = scalar + x[j];
+  if (blocks == 0) return scalar;
+  const int64_t interleaved = (blocks / 4) * 4;
+  float lanes[8];
+  if (interleaved > 0) {
+    float acc[4][8] = {};
+    for (int64_t k = 0; k < interleaved; k += 4) {
+      for (int a = 0; a < 4; ++a) {
+        const float* block = x + 8 * (k + a);
+        for (int l = 0; l < 8; ++l) acc[a][l] = acc[a][l] + block[l];
+      }
+    }
+    for (int l = 0; l < 8; ++l) {
+      lanes[l] = ((acc[0][l] + acc[1][l]) + acc[2][l]) + acc[3][l];
+    }
+  } else {
+    for (int l = 0; l < 8; ++l) lanes[l] = 0.0f;
+  }
+  for (int64_t k = interleaved; k < blocks; ++k) {
+    const float* block = x + 8 * k;
+    for (int l = 0; l < 8; ++l) lanes[l] = lanes[l] + block[l];
+  }
+  float half[4], quarter[2];
+  for (int l = 0; l < 4; ++l) half[l] = lanes[l] + lanes[l + 4];
+  for (int l = 0; l < 2; ++l) quarter[l] = half[l] + half[l + 2];
+  return scalar + (quarter[0] + quarter[1]);
+}
+
+// round_half_up: floor(x) + [x - floor(x) >= 0.5] (exact in float32).
+inline float RoundHalfUp(float x) {
+  const float low = std::floor(x);
+  return low + ((x - low >= 0.5f) ? 1.0f : 0.0f);
+}
+
+// tf.maximum on CPU propagates NaN.
+inline float MaxPropagateNaN(float x, float y) {
+  if (std::isnan(x)) return x;
+  if (std::isnan(y)) return y;
+  return x < y ? y : x;
+}
+
+// Locks several variables' mutexes in address order (no deadlock with other
+// multi-variable ops), unlocks on scope exit.
+class VarLocks {
+ public:
+  explicit VarLocks(const std::vector<Var*>& vars) {
+    for (Var* v : vars) mutexes_.push_back(v->mu());
+    std::sort(mutexes_.begin(), mutexes_.end());
+    mutexes_.erase(std::unique(mutexes_.begin(), mutexes_.end()),
+                   mutexes_.end());
+    for (auto* m : mutexes_) m->lock();
+  }
+  ~VarLocks() {
+    for (auto it = mutexes_.rbegin(); it != mutexes_.rend(); ++it) {
+      (*it)->unlock();
+    }
+  }
+
+ private:
+  std::vector<::tensorflow::mutex*> mutexes_;
+};
+
+// What TensorFlow's sparse variable updates do before writing in place
+// (EnsureSparseVariableAccess): switch the variable to copy-on-read, and
+// copy its buffer if a reader still holds it. Call with the lock held.
+Status PrepareInPlaceWrite(OpKernelContext* context, Var* var) {
+  var->copy_on_read_mode.store(true);
+  Tensor* tensor = var->tensor();
+  if (tensor->RefCountIsOne()) return ::tensorflow::OkStatus();
+  Tensor copy;
+  TF_RETURN_IF_ERROR(
+      context->allocate_temp(tensor->dtype(), tensor->shape(), &copy));
+  if (tensor->TotalBytes() > 0) {
+    std::memcpy(const_cast<char*>(copy.tensor_data().data()),
+                tensor->tensor_data().data(), tensor->TotalBytes());
+  }
+  *tensor = copy;
+  return ::tensorflow::OkStatus();
+}
+
+class RowwiseAdagradStepOp : public OpKernel {
+ public:
+  explicit RowwiseAdagradStepOp(OpKernelConstruction* context)
+      : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("num_step_size_slots",
+                                             &num_step_size_slots_));
+    OP_REQUIRES_OK(context, context->GetAttr("num_bits", &num_bits_));
+    OP_REQUIRES_OK(context, context->GetAttr("packed", &packed_));
+    OP_REQUIRES_OK(context, context->GetAttr("stochastic", &stochastic_));
+    OP_REQUIRES(context, num_step_size_slots_ <= 1,
+                InvalidArgument("num_step_size_slots must be 0 or 1, got ",
+                                num_step_size_slots_));
+    OP_REQUIRES(context, num_bits_ >= 2 && num_bits_ <= 8,
+                InvalidArgument("num_bits must be in [2, 8], got ",
+                                num_bits_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor* apply_in;
+    OP_REQUIRES_OK(context, context->input("apply", &apply_in));
+    if (!apply_in->scalar<bool>()()) return;  // a skipped step
+    const Tensor *ids_in, *grads_in, *offsets_in, *keys_in, *hyper_in;
+    OP_REQUIRES_OK(context, context->input("ids", &ids_in));
+    OP_REQUIRES_OK(context, context->input("grads", &grads_in));
+    OP_REQUIRES_OK(context, context->input("offsets", &offsets_in));
+    OP_REQUIRES_OK(context, context->input("keys", &keys_in));
+    OP_REQUIRES_OK(context, context->input("hyper", &hyper_in));
+    OP_REQUIRES(context, ids_in->dims() == 1,
+                InvalidArgument("ids must be a vector, got shape ",
+                                ids_in->shape().DebugString()));
+    OP_REQUIRES(context, grads_in->dims() == 2 &&
+                             grads_in->dim_size(0) == ids_in->dim_size(0),
+                InvalidArgument("grads must be [len(ids), D], got ",
+                                grads_in->shape().DebugString()));
+    OP_REQUIRES(context, hyper_in->NumElements() == 6,
+                InvalidArgument("hyper must hold 6 values, got ",
+                                hyper_in->NumElements()));
+    const int64_t num_tables = keys_in->NumElements();
+    OP_REQUIRES(context, num_tables >= 1 &&
+                             offsets_in->NumElements() == num_tables + 1,
+                InvalidArgument("offsets must hold len(keys) + 1 values"));
+
+    const int learn = num_step_size_slots_;
+    const int num_vars = 3 + learn;
+    std::vector<::tensorflow::core::RefCountPtr<Var>> refs(num_vars);
+    std::vector<Var*> vars(num_vars);
+    for (int i = 0; i < num_vars; ++i) {
+      OP_REQUIRES_OK(context, ::tensorflow::LookupResource(
+                                  context, ::tensorflow::HandleFromInput(
+                                               context, i),
+                                  &refs[i]));
+      vars[i] = refs[i].get();
+    }
+    VarLocks locks(vars);
+    for (int i = 0; i < num_vars; ++i) {
+      OP_REQUIRES(context, vars[i]->is_initialized,
+                  ::tensorflow::errors::FailedPrecondition(
+                      "ALPT table variable ", i, " is not initialized"));
+    }
+    Tensor* codes_t = vars[0]->tensor();
+    const int64_t d = grads_in->dim_size(1);
+    const int64_t u = ids_in->dim_size(0);
+    OP_REQUIRES(context, codes_t->dims() == 2,
+                InvalidArgument("codes must be a matrix, got ",
+                                codes_t->shape().DebugString()));
+    const int64_t v = codes_t->dim_size(0);
+    const int64_t width = codes_t->dim_size(1);
+    const int64_t words = (d * num_bits_ + 31) / 32;
+    OP_REQUIRES(
+        context,
+        packed_ ? (codes_t->dtype() == ::tensorflow::DT_INT32 &&
+                   width == words)
+                : (codes_t->dtype() == ::tensorflow::DT_INT8 && width == d),
+        InvalidArgument("codes variable of dtype ",
+                        ::tensorflow::DataTypeString(codes_t->dtype()),
+                        " and shape ", codes_t->shape().DebugString(),
+                        " do not match ", d, " columns of ", num_bits_,
+                        packed_ ? "-bit packed codes" : "-bit int8 codes"));
+    for (int i = 1; i < num_vars; ++i) {
+      const Tensor* t = vars[i]->tensor();
+      OP_REQUIRES(context, t->dtype() == ::tensorflow::DT_FLOAT &&
+                               t->NumElements() == v,
+                  InvalidArgument("per-row variable ", i, " must be float ",
+                                  "with one value per row (", v, "), got ",
+                                  t->shape().DebugString()));
+    }
+    const int64_t* ids = ids_in->flat<int64_t>().data();
+    const int64_t* offsets = offsets_in->flat<int64_t>().data();
+    OP_REQUIRES(context, offsets[0] == 0 && offsets[num_tables] == v,
+                InvalidArgument("offsets must run from 0 to ", v));
+    for (int64_t r = 0; r < u; ++r) {  // never outside the table's rows
+      OP_REQUIRES(context, ids[r] >= 0 && ids[r] < v,
+                  InvalidArgument("row id ", ids[r], " is not in [0, ", v,
+                                  ")"));
+    }
+    for (int i = 0; i < num_vars; ++i) {
+      OP_REQUIRES_OK(context, PrepareInPlaceWrite(context, vars[i]));
+    }
+
+    const float* grads = grads_in->flat<float>().data();
+    const uint32_t* keys = keys_in->flat<uint32_t>().data();
+    const float* hyper = hyper_in->flat<float>().data();
+    const float lr = hyper[0], epsilon = hyper[1], step_lr = hyper[2],
+                step_epsilon = hyper[3], lsq_scale = hyper[4],
+                min_step_size = hyper[5];
+    const int32_t q_neg = 1 << (num_bits_ - 1);
+    const float q_min = static_cast<float>(-q_neg);
+    const float q_max = static_cast<float>(q_neg - 1);
+    const uint64_t mask = (uint64_t{1} << num_bits_) - 1;
+    const float count = static_cast<float>(d);
+    std::vector<uint32_t> column_keys(d);
+    for (int64_t j = 0; j < d; ++j) {
+      const int64_t c = ((j + 1) * int64_t{0x1E3779B9}) & 0xFFFFFFFFLL;
+      column_keys[j] = Mix32(static_cast<uint32_t>(c));
+    }
+    int8_t* codes8 = packed_ ? nullptr : codes_t->flat<int8_t>().data();
+    int32_t* codes32 = packed_ ? codes_t->flat<int32_t>().data() : nullptr;
+    float* step_sizes = vars[1]->tensor()->flat<float>().data();
+    float* accumulator = vars[2]->tensor()->flat<float>().data();
+    float* step_accumulator =
+        learn ? vars[3]->tensor()->flat<float>().data() : nullptr;
+    const int bits = num_bits_;
+    const bool packed = packed_, stochastic = stochastic_;
+
+    auto rows = [&](int64_t begin, int64_t end) {
+      std::vector<float> w(d), squares(d), updated(d), products(d),
+          noise(d);
+      std::vector<int32_t> codes(d);
+      std::vector<uint64_t> buffer(words + 1);
+      constexpr int64_t kAhead = 8;  // rows prefetched ahead (random ids)
+      for (int64_t r = begin; r < end; ++r) {
+        if (r + kAhead < end) {
+          const int64_t next = ids[r + kAhead];
+          __builtin_prefetch(packed ? static_cast<const void*>(
+                                          codes32 + next * words)
+                                    : static_cast<const void*>(
+                                          codes8 + next * d),
+                             1);
+          __builtin_prefetch(step_sizes + next, 1);
+          __builtin_prefetch(accumulator + next, 1);
+          if (learn) __builtin_prefetch(step_accumulator + next, 1);
+        }
+        const int64_t id = ids[r];
+        const float* g = grads + r * d;
+        // The stored codes of the row.
+        if (packed) {
+          const int32_t* row = codes32 + id * words;
+          for (int64_t j = 0; j < d; ++j) {
+            const int64_t start = j * bits;
+            const int64_t word = start / 32, offset = start % 32;
+            uint64_t window = static_cast<uint32_t>(row[word]);
+            if (word + 1 < words) {
+              window |= static_cast<uint64_t>(
+                            static_cast<uint32_t>(row[word + 1]))
+                        << 32;
+            }
+            codes[j] = static_cast<int32_t>((window >> offset) & mask) -
+                       q_neg;
+          }
+        } else {
+          const int8_t* row = codes8 + id * d;
+          for (int64_t j = 0; j < d; ++j) codes[j] = row[j];
+        }
+        // Row-wise Adagrad on w = Δ·ŵ. Simple loops, one operation chain
+        // each, so the compiler vectorises them without reordering.
+        const float delta = step_sizes[id];
+        for (int64_t j = 0; j < d; ++j) {
+          w[j] = static_cast<float>(codes[j]) * delta;
+        }
+        for (int64_t j = 0; j < d; ++j) squares[j] = g[j] * g[j];
+        const float mean_square = ColumnSum(squares.data(), d) / count;
+        const float acc = accumulator[id] + mean_square;
+        const float denominator = std::sqrt(acc) + epsilon;
+        for (int64_t j = 0; j < d; ++j) {
+          updated[j] = w[j] - (lr * g[j]) / denominator;
+        }
+        // The "rowwise" rule on Δ from LSQ's gradient γ Σ_j g_j s_j.
+        float new_delta = delta;
+        float step_acc = 0.0f;
+        if (learn) {
+          for (int64_t j = 0; j < d; ++j) {
+            // where(v <= -Q_N, -Q_N, where(v >= Q_P, Q_P, R_D(v) - v)).
+            const float ratio = updated[j] / delta;
+            const float low = std::floor(ratio);
+            const float up = (ratio - low >= 0.5f) ? 1.0f : 0.0f;
+            const float inside = (low + up) - ratio;
+            const float high = ratio >= q_max ? q_max : inside;
+            products[j] = g[j] * (ratio <= q_min ? q_min : high);
+          }
+          const float step_grad = lsq_scale * ColumnSum(products.data(), d);
+          step_acc = step_accumulator[id] + mean_square;
+          const float direction =
+              step_grad / (std::sqrt(step_acc) + step_epsilon);
+          new_delta = delta * (1.0f - step_lr * direction);
+          new_delta = MaxPropagateNaN(new_delta, min_step_size);
+        }
+        // Requantize: clip(R(w' / Δ')) with the row's hashed noise.
+        if (stochastic) {
+          int64_t t = 0;  // the logical table: offsets[t] <= id
+          if (num_tables > 1) {
+            t = static_cast<int64_t>(
+                    std::upper_bound(offsets + 1, offsets + num_tables, id) -
+                    (offsets + 1));
+          }
+          const uint64_t local = static_cast<uint64_t>(id - offsets[t]);
+          const uint32_t row_key =
+              Mix32(Mix32(keys[t] ^ static_cast<uint32_t>(local)) ^
+                    static_cast<uint32_t>(local >> 32));
+          for (int64_t j = 0; j < d; ++j) {
+            const uint32_t hash = Mix32(row_key ^ column_keys[j]);
+            noise[j] = static_cast<float>(static_cast<int32_t>(hash >> 8)) *
+                       (1.0f / 16777216.0f);
+          }
+        } else {
+          for (int64_t j = 0; j < d; ++j) noise[j] = 0.5f;
+        }
+        for (int64_t j = 0; j < d; ++j) {
+          const float scaled = updated[j] / new_delta;
+          const float low = std::floor(scaled);
+          const float fraction = scaled - low;
+          // Stochastic: [u < x - floor(x)]; deterministic (round half
+          // up): [x - floor(x) >= 0.5].
+          const bool up = stochastic ? (noise[j] < fraction)
+                                     : (fraction >= noise[j]);
+          const float rounded = low + (up ? 1.0f : 0.0f);
+          // tf.clip_by_value: minimum with Q_P, then maximum with -Q_N
+          // (NaN stays NaN).
+          const float upper = rounded > q_max ? q_max : rounded;
+          const float clipped = upper < q_min ? q_min : upper;
+          codes[j] = static_cast<int32_t>(clipped);
+        }
+        // Write back in place.
+        if (packed) {
+          std::fill(buffer.begin(), buffer.end(), 0);
+          for (int64_t j = 0; j < d; ++j) {
+            const int64_t start = j * bits;
+            const uint64_t field =
+                static_cast<uint64_t>(codes[j] + q_neg) << (start % 32);
+            buffer[start / 32] |= field & 0xFFFFFFFFULL;
+            buffer[start / 32 + 1] |= field >> 32;
+          }
+          int32_t* row = codes32 + id * words;
+          for (int64_t k = 0; k < words; ++k) {
+            row[k] = static_cast<int32_t>(static_cast<uint32_t>(buffer[k]));
+          }
+        } else {
+          int8_t* row = codes8 + id * d;
+          for (int64_t j = 0; j < d; ++j) {
+            row[j] = static_cast<int8_t>(codes[j]);
+          }
+        }
+        accumulator[id] = acc;
+        if (learn) {
+          step_sizes[id] = new_delta;
+          step_accumulator[id] = step_acc;
+        }
+      }
+    };
+    auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
+    workers->ParallelFor(u, 40 * d + 100, rows);
+  }
+
+ private:
+  int num_step_size_slots_;
+  int num_bits_;
+  bool packed_;
+  bool stochastic_;
+};
+
+REGISTER_KERNEL_BUILDER(Name("AlptRowwiseAdagradStep").Device(DEVICE_CPU),
+                        RowwiseAdagradStepOp);
 
 }  // namespace
 }  // namespace alpt

@@ -304,14 +304,20 @@ def test_one_update_chain_per_group():
     group = _update_op_counts(ALPTEmbeddingGroup(tables), ids)
     single = _update_op_counts(_tables(CASES["rwada-row-8-int8-1p"])[0],
                                ids["table_a"])
-    for counts in (group, single):  # the native kernel does both at once
+    for counts in (group, single):  # the native kernels fuse pieces
         fused = counts.get("AlptUniqueSegmentSum", 0)
         counts["dedup"] = counts.get("Unique", 0) + fused
         counts["segment sum"] = counts.get("UnsortedSegmentSum", 0) + fused
-    for op in ("dedup", "segment sum", "ResourceScatterUpdate",
-               "ResourceScatterAdd", "ResourceGather"):
+        # The fused table step reads and writes every variable in place.
+        counts["row writes"] = sum(counts.get(op, 0) for op in (
+            "ResourceScatterUpdate", "ResourceScatterAdd",
+            "AlptRowwiseAdagradStep"))
+    for op in ("dedup", "segment sum", "row writes", "ResourceGather"):
         assert group.get(op, 0) == single.get(op, 0) > 0, (
             op, group.get(op), single.get(op))
+    for op in ("ResourceScatterUpdate", "ResourceScatterAdd",
+               "AlptRowwiseAdagradStep"):
+        assert group.get(op, 0) == single.get(op, 0), op
 
 
 @pytest.mark.parametrize("mode", ["row", "table"])

@@ -123,9 +123,13 @@ def test_the_training_step_uses_the_kernel_only_when_asked(monkeypatch):
     native = _train_step_ops("native", monkeypatch)
     assert "AlptUniqueSegmentSum" in native
     assert "Unique" not in native and "UnsortedSegmentSum" not in native
+    # The default rules: the fused step reads and writes the rows in place.
+    assert native.count("AlptRowwiseAdagradStep") == 1
+    assert not {"ResourceScatterUpdate", "ResourceScatterAdd"} & set(native)
     stock = _train_step_ops("stock", monkeypatch)
-    assert "AlptUniqueSegmentSum" not in stock
+    assert not {"AlptUniqueSegmentSum", "AlptRowwiseAdagradStep"} & set(stock)
     assert "Unique" in stock and "UnsortedSegmentSum" in stock
+    assert "ResourceScatterUpdate" in stock
 
 
 @needs_compiler
@@ -257,3 +261,165 @@ def test_parameter_server_and_gpu_tables_take_the_stock_path():
     assert not kernels.usable_here(ParameterServerStrategyV2())
     assert kernels.usable_here(tf.distribute.get_strategy()) == (
         not tf.config.list_logical_devices("GPU"))
+
+
+# ------------------------------------------- the fused one-pass table step
+# (bits, storage, D, rounding, learn Δ, logical tables, min_step_size):
+# every bit width, both storages, codes straddling packed words (3, 5, 6,
+# 7 bits), widths that exercise each part of the column-reduction order
+# (1, 5, 9, 16, 37 = 4 interleaved blocks + 5, 70), groups of 1-3 tables,
+# LPT, and a Δ floor that binds.
+FUSED_CASES = {
+    "8-int8-d16-3tables": (8, "int8", 16, "stochastic", True, 3, 1e-8),
+    "4-packed-d16": (4, "packed", 16, "stochastic", True, 1, 1e-8),
+    "2-packed-d5-deterministic": (2, "packed", 5, "deterministic", True, 2,
+                                  1e-8),
+    "3-packed-d37-2tables": (3, "packed", 37, "stochastic", True, 2, 1e-8),
+    "5-packed-d70-lpt": (5, "packed", 70, "stochastic", False, 1, 1e-8),
+    "7-int8-d1": (7, "int8", 1, "stochastic", True, 1, 1e-8),
+    "6-packed-d9-3tables-floor": (6, "packed", 9, "stochastic", True, 3,
+                                  0.02),
+    "8-packed-d16": (8, "packed", 16, "stochastic", True, 2, 1e-8),
+}
+
+
+def _fused_setup(case, seed=0):
+    """A group's variables with random codes, Δ and accumulators, and a
+    step's unique ids and summed gradients (some rows clip, some Δ hit
+    the floor)."""
+    from types import SimpleNamespace
+
+    from alpt_keras import quantizers, update
+    from alpt_keras.storage import make_storage, pack_codes, words_per_row
+    bits, kind, dim, rounding, learn, num_tables, floor = case
+    rng = np.random.default_rng(seed)
+    sizes = [400, 250, 150][:num_tables]
+    specs = tuple(update.TableSpec(
+        size, dim, num_bits=bits, rounding=rounding, learn_step_size=learn,
+        seed=11, salt=100 + t, min_step_size=floor, name=f"t{t}")
+        for t, size in enumerate(sizes))
+    group = update.GroupSpec(specs)
+    rows = group.input_dim
+    q_min, q_max = quantizers.code_range(bits)
+    codes = rng.integers(q_min, q_max + 1, (rows, dim))
+    if kind == "packed":
+        codes0 = pack_codes(codes, bits)
+        assert codes0.shape[1] == words_per_row(dim, bits)
+    else:
+        codes0 = tf.constant(codes, tf.int8)
+    variables = {
+        "codes": tf.Variable(codes0),
+        "step_sizes": tf.Variable(rng.lognormal(-4, 0.5, (rows, 1)).astype(
+            "float32")),
+        "accumulator": tf.Variable(np.where(
+            rng.random((rows, 1)) < 0.1, 0.0,
+            rng.lognormal(-6, 2, (rows, 1))).astype("float32")),
+        "step_size_accumulator": tf.Variable(rng.lognormal(
+            -8, 2, (rows, 1)).astype("float32")),
+    }
+    ids = rng.permutation(rows)[:rows // 2].astype("int64")
+    grads = (rng.standard_normal((ids.size, dim))
+             * rng.lognormal(-4, 2, (ids.size, 1))).astype("float32")
+    table = SimpleNamespace(
+        spec=group, storage=make_storage(kind, variables["codes"], bits, dim),
+        step_sizes=variables["step_sizes"])
+    return table, variables, tf.constant(ids), tf.constant(grads)
+
+
+def _fused_stock(table, variables, ids, grads, step, config):
+    """The stock path: `update.table_step` on gathered rows, then the
+    optimizer's writes (scatter_update / scatter_add of increments)."""
+    from alpt_keras import update
+    group = table.spec
+    state = {"accumulator": tf.gather(variables["accumulator"], ids)}
+    step_state = {"step_size_accumulator": tf.gather(
+        variables["step_size_accumulator"], ids)}
+    rule = config.step_size_rule if group.learn_step_size else None
+    out = update.table_step(
+        table.storage.read_rows(ids), tf.gather(variables["step_sizes"], ids),
+        grads, state, step_state if rule else {}, step, ids, group,
+        config.table_rule, config.embedding_hyperparameters, rule,
+        config.step_size_hyperparameters("row"))
+    table.storage.write_rows(ids, out.codes)
+    variables["accumulator"].scatter_add(tf.IndexedSlices(
+        out.state["accumulator"].increment, ids))
+    if rule is not None:
+        variables["step_sizes"].scatter_update(tf.IndexedSlices(
+            out.step_size, ids))
+        variables["step_size_accumulator"].scatter_add(tf.IndexedSlices(
+            out.state["step_size_accumulator"].increment, ids))
+
+
+def _fused_native(library, table, variables, ids, grads, step, config,
+                  apply=True):
+    ops = kernels.fused_table_step(
+        library, tf.distribute.get_strategy(), table, variables, ids, grads,
+        step, tf.constant(apply), config,
+        config.step_size_hyperparameters("row"))
+    assert ops is not None and len(ops) == 1
+
+
+def _values(variables):
+    return {k: v.numpy().tobytes() for k, v in variables.items()}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED_CASES))
+def test_fused_table_step_is_bitwise_the_stock_step(library, name):
+    """One step on random rows: codes, Δ and both accumulators of the
+    kernel and of `update.table_step` + scatters are bitwise equal."""
+    from alpt_keras.update import UpdateConfig
+    config = UpdateConfig(embedding_learning_rate=0.05)
+    step = tf.constant(7, tf.int64)
+    results = []
+    for path in ("native", "stock"):
+        table, variables, ids, grads = _fused_setup(FUSED_CASES[name])
+        before = _values(variables)
+        if path == "native":
+            _fused_native(library, table, variables, ids, grads, step, config)
+        else:
+            _fused_stock(table, variables, ids, grads, step, config)
+        results.append(_values(variables))
+    native, stock = results
+    differ = sorted(k for k in native if native[k] != stock[k])
+    assert not differ, differ
+    assert native["codes"] != before["codes"]  # the step did something
+    learn = FUSED_CASES[name][4]
+    assert (native["step_sizes"] != before["step_sizes"]) == learn
+
+
+def test_fused_table_step_comparison_can_fail(library):
+    """Negative control: the stock step at another step (other rounding
+    noise) differs from the kernel's in some code."""
+    from alpt_keras.update import UpdateConfig
+    config = UpdateConfig(embedding_learning_rate=0.05)
+    case = FUSED_CASES["8-int8-d16-3tables"]
+    table, variables, ids, grads = _fused_setup(case)
+    _fused_native(library, table, variables, ids, grads,
+                  tf.constant(7, tf.int64), config)
+    other_table, other, _, _ = _fused_setup(case)
+    _fused_stock(other_table, other, ids, grads, tf.constant(8, tf.int64),
+                 config)
+    assert _values(variables)["codes"] != _values(other)["codes"]
+
+
+def test_fused_table_step_skipped_or_refused_changes_nothing(library):
+    """`apply=False` (a step with non-finite gradients) and an id outside
+    the table (an error) leave every variable bitwise unchanged; a reader's
+    earlier snapshot never sees the in-place write."""
+    from alpt_keras.update import UpdateConfig
+    config = UpdateConfig()
+    step = tf.constant(3, tf.int64)
+    table, variables, ids, grads = _fused_setup(FUSED_CASES["4-packed-d16"])
+    before = _values(variables)
+    _fused_native(library, table, variables, ids, grads, step, config,
+                  apply=False)
+    assert _values(variables) == before
+    bad = tf.concat([ids[:-1], [table.spec.input_dim]], 0)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="not in \\[0, 400\\)"):
+        _fused_native(library, table, variables, bad, grads, step, config)
+    assert _values(variables) == before
+    snapshot = variables["codes"].read_value()
+    _fused_native(library, table, variables, ids, grads, step, config)
+    assert snapshot.numpy().tobytes() == before["codes"]
+    assert _values(variables)["codes"] != before["codes"]
