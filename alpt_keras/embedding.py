@@ -5,7 +5,7 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from alpt_keras import _keras, quantizers, update
+from alpt_keras import _keras, kernels, quantizers, update
 from alpt_keras.sharding import row_variables
 from alpt_keras.storage import (
     SUPPORTED_STORAGE,
@@ -216,11 +216,19 @@ class PhysicalTable(keras.layers.Layer):
         none).
         """
         table = self._table
-        step_sizes = table.read_step_sizes(ids)
-        if table_index is not None and not table.spec.per_row:
-            step_sizes = tf.gather(step_sizes, table_index)
-        rows = quantizers.dequantize(table.storage.read_rows(ids),
-                                     step_sizes)
+        rows = None
+        if training is True or in_step_size_pass():
+            # A training step on CPU: one native pass when available
+            # (`alpt_keras.kernels`), bitwise the stock lookup below.
+            library = kernels.forward_library(table)
+            if library is not None:
+                rows = kernels.gather_dequantize(library, table, ids)
+        if rows is None:
+            step_sizes = table.read_step_sizes(ids)
+            if table_index is not None and not table.spec.per_row:
+                step_sizes = tf.gather(step_sizes, table_index)
+            rows = quantizers.dequantize(table.storage.read_rows(ids),
+                                         step_sizes)
         if training is False and not in_step_size_pass():
             # Inference (predict, serving): plain dequantized lookup, no
             # gradient plumbing, so exports capture only codes and Δ.

@@ -162,6 +162,9 @@ def load(mode="auto"):
         if "library" not in _loaded and "error" not in _loaded:
             try:
                 _loaded["library"] = tf.load_op_library(build())
+                # Training lookups carry their gradient through the
+                # layer's custom gradient, never through this op.
+                tf.no_gradient("AlptGatherDequantize")
             except (RuntimeError, OSError, subprocess.SubprocessError,
                     tf.errors.OpError) as error:
                 _loaded["error"] = str(error)
@@ -272,3 +275,40 @@ def fused_table_step(library, strategy, table, slots, unique_ids, grads,
                 packed=table.storage.kind == "packed",
                 stochastic=group.rounding == "stochastic"))
     return ops
+
+
+def forward_library(table):
+    """The op library for `table`'s training lookup, or `None` (stock
+    ops): the mode of the `ALPTOptimizer` that claimed the table (else
+    the environment's), CPU tables, not under ParameterServerStrategy."""
+    owner = table.claimed_by() if table.claimed_by is not None else None
+    mode = owner.kernels if owner is not None else "auto"
+    if resolve(mode) == "stock" or not usable_here(
+            tf.distribute.get_strategy()):
+        return None
+    return load(mode)
+
+
+def gather_dequantize(library, table, ids):
+    """`Δ·ŵ` float32 `[N, D]` of checked global ids `[N]` in one pass
+    (`AlptGatherDequantize`), or `None` where it does not apply (a
+    per-table Δ of several logical tables, sharded variables, a mirrored
+    variable read outside a replica); then the stock ops run. Bitwise
+    `dequantize(read_rows(ids), read_step_sizes(ids))`."""
+    from alpt_keras import _keras  # noqa: PLC0415 (import cycle)
+    from alpt_keras.update.table_spec import as_group  # noqa: PLC0415
+    group = as_group(table.spec)
+    if not group.per_row and group.num_tables > 1:
+        return None
+    codes = _keras.tf_variable(table.storage.variable)
+    steps = _keras.tf_variable(table.step_sizes)
+    if hasattr(codes, "variables") or hasattr(steps, "variables"):
+        return None  # sharded
+    try:
+        handles = codes.handle, steps.handle
+    except ValueError:  # a mirrored variable outside a replica context
+        return None
+    return library.alpt_gather_dequantize(
+        handles[0], handles[1], ids, num_bits=group.num_bits,
+        output_dim=group.output_dim,
+        packed=table.storage.kind == "packed", per_row=group.per_row)

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -549,6 +550,166 @@ class RowwiseAdagradStepOp : public OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("AlptRowwiseAdagradStep").Device(DEVICE_CPU),
                         RowwiseAdagradStepOp);
+
+// ---------------------------------------------------------------------------
+// AlptGatherDequantize: the training forward's lookup, `Δ·ŵ` of each id's
+// row, in one pass over the ids (the stock ops gather the codes, cast them
+// twice, gather Δ and multiply: five passes over [N, D]).
+
+REGISTER_OP("AlptGatherDequantize")
+    .Input("codes: resource")
+    .Input("step_sizes: resource")
+    .Input("ids: int64")
+    .Output("rows: float")
+    .Attr("num_bits: int >= 2")
+    .Attr("output_dim: int >= 1")
+    .Attr("packed: bool")
+    .Attr("per_row: bool")
+    .SetIsStateful()
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      shape_inference::ShapeHandle ids;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 1, &ids));
+      int64_t dim;
+      TF_RETURN_IF_ERROR(c->GetAttr("output_dim", &dim));
+      c->set_output(0, c->Matrix(c->Dim(ids, 0), dim));
+      return ::tensorflow::OkStatus();
+    })
+    .Doc(R"doc(
+Rows `float(code) * Δ` [N, output_dim] of `ids` (each in [0, V)): bitwise
+`dequantize(read_rows(ids), read_step_sizes(ids))` (one IEEE product per
+value). `per_row`: Δ[id]; else the table's one Δ (step_sizes [1, 1]).
+)doc");
+
+class GatherDequantizeOp : public OpKernel {
+ public:
+  explicit GatherDequantizeOp(OpKernelConstruction* context)
+      : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("num_bits", &num_bits_));
+    OP_REQUIRES_OK(context, context->GetAttr("output_dim", &d_));
+    OP_REQUIRES_OK(context, context->GetAttr("packed", &packed_));
+    OP_REQUIRES_OK(context, context->GetAttr("per_row", &per_row_));
+    OP_REQUIRES(context, num_bits_ >= 2 && num_bits_ <= 8,
+                InvalidArgument("num_bits must be in [2, 8], got ",
+                                num_bits_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& ids_in = context->input(2);
+    OP_REQUIRES(context, ids_in.dims() == 1,
+                InvalidArgument("ids must be a vector, got shape ",
+                                ids_in.shape().DebugString()));
+    ::tensorflow::core::RefCountPtr<Var> codes_var, steps_var;
+    OP_REQUIRES_OK(context, ::tensorflow::LookupResource(
+                                context, ::tensorflow::HandleFromInput(
+                                             context, 0),
+                                &codes_var));
+    OP_REQUIRES_OK(context, ::tensorflow::LookupResource(
+                                context, ::tensorflow::HandleFromInput(
+                                             context, 1),
+                                &steps_var));
+    const int64_t n = ids_in.dim_size(0);
+    const int64_t d = d_;
+    Tensor* rows_out = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({n, d}),
+                                                     &rows_out));
+    // Shared locks in address order, as ResourceGather reads.
+    ::tensorflow::mutex* first = codes_var->mu();
+    ::tensorflow::mutex* second = steps_var->mu();
+    if (second < first) std::swap(first, second);
+    ::tensorflow::tf_shared_lock lock_first(*first);
+    std::optional<::tensorflow::tf_shared_lock> lock_second;
+    if (second != first) lock_second.emplace(*second);
+    OP_REQUIRES(context, codes_var->is_initialized &&
+                             steps_var->is_initialized,
+                ::tensorflow::errors::FailedPrecondition(
+                    "ALPT table variables are not initialized"));
+    const Tensor& codes_t = *codes_var->tensor();
+    const Tensor& steps_t = *steps_var->tensor();
+    const int64_t words = (d * num_bits_ + 31) / 32;
+    OP_REQUIRES(
+        context,
+        codes_t.dims() == 2 &&
+            (packed_ ? (codes_t.dtype() == ::tensorflow::DT_INT32 &&
+                        codes_t.dim_size(1) == words)
+                     : (codes_t.dtype() == ::tensorflow::DT_INT8 &&
+                        codes_t.dim_size(1) == d)),
+        InvalidArgument("codes variable of dtype ",
+                        ::tensorflow::DataTypeString(codes_t.dtype()),
+                        " and shape ", codes_t.shape().DebugString(),
+                        " do not match ", d, " columns of ", num_bits_,
+                        packed_ ? "-bit packed codes" : "-bit int8 codes"));
+    const int64_t v = codes_t.dim_size(0);
+    OP_REQUIRES(context, steps_t.dtype() == ::tensorflow::DT_FLOAT &&
+                             steps_t.NumElements() == (per_row_ ? v : 1),
+                InvalidArgument("step sizes must be float with ",
+                                per_row_ ? v : 1, " values, got ",
+                                steps_t.shape().DebugString()));
+    const int64_t* ids = ids_in.flat<int64_t>().data();
+    for (int64_t r = 0; r < n; ++r) {  // never outside the table's rows
+      OP_REQUIRES(context, ids[r] >= 0 && ids[r] < v,
+                  InvalidArgument("row id ", ids[r], " is not in [0, ", v,
+                                  ")"));
+    }
+    const float* steps = steps_t.flat<float>().data();
+    const int8_t* codes8 = packed_ ? nullptr : codes_t.flat<int8_t>().data();
+    const int32_t* codes32 =
+        packed_ ? codes_t.flat<int32_t>().data() : nullptr;
+    float* out = rows_out->flat<float>().data();
+    const int bits = num_bits_;
+    const bool packed = packed_, per_row = per_row_;
+    const int32_t q_neg = 1 << (bits - 1);
+    const uint64_t mask = (uint64_t{1} << bits) - 1;
+
+    auto rows = [&](int64_t begin, int64_t end) {
+      constexpr int64_t kAhead = 8;
+      for (int64_t r = begin; r < end; ++r) {
+        if (r + kAhead < end) {
+          const int64_t next = ids[r + kAhead];
+          __builtin_prefetch(packed ? static_cast<const void*>(
+                                          codes32 + next * words)
+                                    : static_cast<const void*>(
+                                          codes8 + next * d));
+          if (per_row) __builtin_prefetch(steps + next);
+        }
+        const int64_t id = ids[r];
+        const float delta = per_row ? steps[id] : steps[0];
+        float* row_out = out + r * d;
+        if (packed) {
+          const int32_t* row = codes32 + id * words;
+          for (int64_t j = 0; j < d; ++j) {
+            const int64_t start = j * bits;
+            const int64_t word = start / 32, offset = start % 32;
+            uint64_t window = static_cast<uint32_t>(row[word]);
+            if (word + 1 < words) {
+              window |= static_cast<uint64_t>(
+                            static_cast<uint32_t>(row[word + 1]))
+                        << 32;
+            }
+            const int32_t code =
+                static_cast<int32_t>((window >> offset) & mask) - q_neg;
+            row_out[j] = static_cast<float>(code) * delta;
+          }
+        } else {
+          const int8_t* row = codes8 + id * d;
+          for (int64_t j = 0; j < d; ++j) {
+            row_out[j] = static_cast<float>(row[j]) * delta;
+          }
+        }
+      }
+    };
+    auto* workers = context->device()->tensorflow_cpu_worker_threads()->workers;
+    workers->ParallelFor(n, 4 * d + 20, rows);
+  }
+
+ private:
+  int num_bits_;
+  int64_t d_;
+  bool packed_;
+  bool per_row_;
+};
+
+REGISTER_KERNEL_BUILDER(Name("AlptGatherDequantize").Device(DEVICE_CPU),
+                        GatherDequantizeOp);
 
 }  // namespace
 }  // namespace alpt

@@ -312,11 +312,15 @@ def test_one_update_chain_per_group():
         counts["row writes"] = sum(counts.get(op, 0) for op in (
             "ResourceScatterUpdate", "ResourceScatterAdd",
             "AlptRowwiseAdagradStep"))
-    for op in ("dedup", "segment sum", "row writes", "ResourceGather"):
+        # The training lookup: stock gathers or one fused gather.
+        counts["row reads"] = counts.get("ResourceGather", 0) + counts.get(
+            "AlptGatherDequantize", 0)
+    for op in ("dedup", "segment sum", "row writes", "row reads"):
         assert group.get(op, 0) == single.get(op, 0) > 0, (
             op, group.get(op), single.get(op))
     for op in ("ResourceScatterUpdate", "ResourceScatterAdd",
-               "AlptRowwiseAdagradStep"):
+               "AlptRowwiseAdagradStep", "ResourceGather",
+               "AlptGatherDequantize"):
         assert group.get(op, 0) == single.get(op, 0), op
 
 

@@ -123,11 +123,15 @@ def test_the_training_step_uses_the_kernel_only_when_asked(monkeypatch):
     native = _train_step_ops("native", monkeypatch)
     assert "AlptUniqueSegmentSum" in native
     assert "Unique" not in native and "UnsortedSegmentSum" not in native
-    # The default rules: the fused step reads and writes the rows in place.
+    # The default rules: the fused step reads and writes the rows in place,
+    # and the training lookup is one fused gather.
     assert native.count("AlptRowwiseAdagradStep") == 1
     assert not {"ResourceScatterUpdate", "ResourceScatterAdd"} & set(native)
+    assert native.count("AlptGatherDequantize") == 1
+    assert "ResourceGather" not in native
     stock = _train_step_ops("stock", monkeypatch)
-    assert not {"AlptUniqueSegmentSum", "AlptRowwiseAdagradStep"} & set(stock)
+    assert not {"AlptUniqueSegmentSum", "AlptRowwiseAdagradStep",
+                "AlptGatherDequantize"} & set(stock)
     assert "Unique" in stock and "UnsortedSegmentSum" in stock
     assert "ResourceScatterUpdate" in stock
 
@@ -423,3 +427,65 @@ def test_fused_table_step_skipped_or_refused_changes_nothing(library):
     _fused_native(library, table, variables, ids, grads, step, config)
     assert snapshot.numpy().tobytes() == before["codes"]
     assert _values(variables)["codes"] != before["codes"]
+
+
+# ------------------------------------------------ the fused training lookup
+@pytest.mark.parametrize("name", sorted(FUSED_CASES))
+@pytest.mark.parametrize("per_row", [True, False])
+def test_gather_dequantize_is_bitwise_the_stock_lookup(library, name,
+                                                        per_row):
+    """`AlptGatherDequantize` gives the stock lookup's bits for every bit
+    width and storage, per-row Δ and a table's single Δ, repeated ids."""
+    from alpt_keras import quantizers
+    table, variables, _, _ = _fused_setup(FUSED_CASES[name])
+    if not per_row:
+        import dataclasses
+        from types import SimpleNamespace
+
+        from alpt_keras import update
+        spec = dataclasses.replace(table.spec.tables[0],
+                                   step_size_mode="table")
+        variables["step_sizes"] = tf.Variable([[0.0123]])
+        table = SimpleNamespace(spec=spec, storage=table.storage,
+                                step_sizes=variables["step_sizes"])
+        assert update.table_spec.as_group(spec).num_tables == 1
+    rows = int(variables["codes"].shape[0])
+    ids = tf.constant(np.random.default_rng(3).integers(0, rows, 5000))
+    want = quantizers.dequantize(
+        table.storage.read_rows(ids),
+        tf.gather(variables["step_sizes"], ids) if per_row
+        else tf.convert_to_tensor(variables["step_sizes"]))
+    got = kernels.gather_dequantize(library, table, ids)
+    assert got.shape == want.shape
+    assert got.numpy().tobytes() == want.numpy().tobytes()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="not in"):
+        kernels.gather_dequantize(library, table,
+                                  tf.constant([0, rows], tf.int64))
+
+
+def test_gather_dequantize_leaves_out_per_table_groups(library):
+    """A per-table Δ of several logical tables needs each id's table:
+    the stock lookup handles it (`None` here)."""
+    from types import SimpleNamespace
+
+    from alpt_keras import update
+    specs = tuple(update.TableSpec(10, 4, step_size_mode="table",
+                                   name=f"t{i}") for i in range(2))
+    table = SimpleNamespace(spec=update.GroupSpec(specs))
+    assert kernels.gather_dequantize(
+        library, table, tf.constant([1], tf.int64)) is None
+
+
+@needs_compiler
+def test_inference_lookups_never_use_the_kernels(monkeypatch):
+    """`training=False` (predict, export) and `training=None` keep the
+    stock lookup, so served graphs never hold the op."""
+    monkeypatch.setenv(kernels.ENV, "native")
+    table = ALPTEmbedding(50, 4, seed=0, name="t")
+    ids = tf.constant([[1, 2], [2, 3]], tf.int64)
+    table(ids)  # build outside the traced functions
+    for training in (False, None, True):
+        graph = tf.function(lambda x, t=training: table(x, training=t)) \
+            .get_concrete_function(ids).graph
+        ops = [op.type for op in graph.get_operations()]
+        assert ("AlptGatherDequantize" in ops) == (training is True), training
