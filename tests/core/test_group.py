@@ -65,7 +65,8 @@ def _data(seed=0):
 def _tables(case):
     _, _, mode, bits, storage, _, extra = case
     args = dict(num_bits=bits, step_size=mode, storage=storage,
-                learn_step_size=extra.get("learn_step_size", True))
+                learn_step_size=extra.get("learn_step_size", True),
+                rounding=extra.get("rounding", "stochastic"))
     return [ALPTEmbedding(40, DIM, seed=1, name="table_a", **args),
             ALPTEmbedding(30, DIM, seed=2, name="table_b", **args),
             ALPTEmbedding(25, DIM, seed=3, combiner="mean", name="table_c",

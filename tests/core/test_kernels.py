@@ -136,25 +136,61 @@ def test_the_training_step_uses_the_kernel_only_when_asked(monkeypatch):
     assert "ResourceScatterUpdate" in stock
 
 
+# `tests/core/test_group.py`'s cases, plus 2-bit packed codes with
+# deterministic rounding through the fused table step.
+TRAINING_CASES = {
+    **test_group.CASES,
+    "rwada-row-2-packed-1p-deterministic": (
+        "rowwise_adagrad", "rowwise", "row", 2, "packed", "one_pass",
+        {"rounding": "deterministic"}),
+}
+
+
 @needs_compiler
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(test_group.CASES))
+@pytest.mark.parametrize("name", sorted(TRAINING_CASES))
 def test_kernel_and_stock_paths_train_bitwise_alike(name, monkeypatch,
                                                     mirrored_strategy):
-    """20 steps of `tests/core/test_group.py`'s cases (8/4/2 bits, int8
-    and packed, row-wise Adagrad and lazy Adam, per-row and per-table Δ,
-    one- and two-pass, a shared table, MirroredStrategy over 2 CPUs),
-    stacked and, for the first case, as separate tables: codes, Δ, every
-    slot, dense weights and counters are bitwise equal."""
-    case = test_group.CASES[name]
-    layouts = (True, False) if name == sorted(test_group.CASES)[0] \
+    """20 steps of `TRAINING_CASES` (8/4/2 bits, int8 and packed, row-wise
+    Adagrad and lazy Adam, per-row and per-table Δ, one- and two-pass, a
+    shared table, MirroredStrategy over 2 CPUs), stacked and, for the
+    first case, as separate tables: codes, Δ, every slot, dense weights
+    and counters are bitwise equal. The fused table step runs the one-pass
+    row-wise Adagrad cases with per-row Δ; the fused lookup runs all."""
+    case = TRAINING_CASES[name]
+    emb_opt, _, step_size, _, _, gradient, extra = case
+    fused_step = emb_opt == "rowwise_adagrad" and step_size == "row" and (
+        gradient == "one_pass" or not extra.get("learn_step_size", True))
+    layouts = (True, False) if name == sorted(TRAINING_CASES)[0] \
         else (True,)
+    used = {"fused_table_step": [], "gather_dequantize": []}
+
+    def spy(real, calls):
+        def traced(*args, **kwargs):
+            out = real(*args, **kwargs)
+            calls.append(out is not None)
+            return out
+        return traced
+
+    for function, calls in used.items():  # which fused ops were traced
+        monkeypatch.setattr(kernels, function,
+                            spy(getattr(kernels, function), calls))
     for stacked in layouts:
         results = {}
         for mode in ("native", "stock"):
             monkeypatch.setenv(kernels.ENV, mode)
             keras.backend.clear_session()
+            for calls in used.values():
+                calls.clear()
             results[mode] = test_group._run(case, stacked, mirrored_strategy)
+            if mode == "native":
+                # The comparison is not vacuous: the kernels ran.
+                assert any(used["fused_table_step"]) == fused_step
+                assert any(used["gather_dequantize"]) == (
+                    step_size == "row" or not stacked)
+            else:
+                assert not any(used["fused_table_step"]) and not any(
+                    used["gather_dequantize"])
         (before, native), (_, stock) = results["native"], results["stock"]
         differ = sorted(k for k in native
                         if native[k].tobytes() != stock[k].tobytes())
