@@ -10,6 +10,8 @@ comparable:
 
 - `alpt`: `ALPTEmbedding` (8-bit, per-row Δ) + `ALPTOptimizer(Adam)` with
   its defaults (row-wise Adagrad rows);
+- `alpt_stock`: the same on stock TensorFlow ops only (`kernels="stock"`:
+  no native kernels), so the kernels' gain is measured in the same run;
 - `alpt_2pass`: the same with the paper-exact two-pass step;
 - `float32_sgd`: `keras.layers.Embedding`, Keras SGD for everything (the
   fastest float32 setup on Keras 3, whose SGD is row-sparse);
@@ -19,8 +21,8 @@ comparable:
 With `--layout criteo_like` the model has the 26 tables of `alpt-train`'s
 default data instead (vocabularies 10 … 31,623 ids, 114,732 rows in all,
 each field's ids `zipf(1.2) % V_i`), built by `models.FeatureEmbedding`;
-the setups are `alpt` (tables stacked, the default), `alpt_unstacked`
-(`stack_tables=False`: 26 separate tables), `float32_sgd` and
+the setups are `alpt` (tables stacked, the default), `alpt_stock`,
+`alpt_unstacked` (`stack_tables=False`: 26 separate tables), `float32_sgd` and
 `float32_adam` (26 `keras.layers.Embedding`).
 
     python benchmarks/model_step.py           # full (~3 min)
@@ -48,8 +50,8 @@ from _report import (
 from alpt_keras import ALPTEmbedding, ALPTOptimizer, compat, two_pass
 
 keras = compat.keras
-SETUPS = ("alpt", "alpt_2pass", "alpt_unstacked", "float32_sgd",
-          "float32_adam")
+SETUPS = ("alpt", "alpt_stock", "alpt_2pass", "alpt_unstacked",
+          "float32_sgd", "float32_adam")
 LAYOUTS = ("one_table", "criteo_like")
 
 
@@ -69,7 +71,8 @@ def _compile(model, name):
         optimizer = ALPTOptimizer(
             keras.optimizers.Adam(1e-3),
             step_size_gradient="two_pass" if name == "alpt_2pass"
-            else "one_pass")
+            else "one_pass",
+            kernels="stock" if name == "alpt_stock" else "auto")
     model.compile(optimizer, "binary_crossentropy", jit_compile=False)
     if name == "alpt_2pass":
         two_pass(model)
@@ -168,9 +171,10 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--setups", nargs="+", default=None,
                         choices=SETUPS,
-                        help="default: alpt, alpt_2pass and the float32 "
-                             "setups (one_table); alpt, alpt_unstacked and "
-                             "the float32 setups (criteo_like)")
+                        help="default: alpt, alpt_stock, alpt_2pass and the "
+                             "float32 setups (one_table); alpt, alpt_stock, "
+                             "alpt_unstacked and the float32 setups "
+                             "(criteo_like)")
     parser.add_argument("--layout", choices=LAYOUTS, default="one_table")
     parser.add_argument("--output", default=None,
                         help="JSON path (default: benchmarks/results/"
@@ -179,8 +183,9 @@ def main():
                         help="seconds-long smoke run (CI)")
     args = parser.parse_args()
     if args.setups is None:
-        args.setups = ["alpt", "alpt_unstacked"] if args.layout == \
-            "criteo_like" else ["alpt", "alpt_2pass"]
+        args.setups = ["alpt", "alpt_stock", "alpt_unstacked"] if \
+            args.layout == "criteo_like" else ["alpt", "alpt_stock",
+                                               "alpt_2pass"]
         args.setups += ["float32_sgd", "float32_adam"]
     if args.output is None:
         args.output = default_output(

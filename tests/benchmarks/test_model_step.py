@@ -11,7 +11,7 @@ def test_tiny_run_writes_complete_json(tmp_path):
     assert "vs fastest f32" in stdout
     assert report["benchmark"] == "model_step"
     by_name = {r["setup"]: r for r in report["results"]}
-    assert set(by_name) == {"alpt", "alpt_2pass", "float32_sgd",
+    assert set(by_name) == {"alpt", "alpt_stock", "alpt_2pass", "float32_sgd",
                             "float32_adam"}
     assert report["fastest_float32"] in ("float32_sgd", "float32_adam")
     fastest = by_name[report["fastest_float32"]]
