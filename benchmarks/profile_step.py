@@ -8,10 +8,12 @@ rounds) in one process:
 - `full_step`: the Keras layer + `ALPTOptimizer` step with the native
   kernels (`embedding_step.py`'s `alpt` setup); `full_step_stock`: the same
   with `kernels="stock"`;
-- `forward_backward`: lookup and row gradient only (no update);
+- `forward_backward`, `forward_backward_stock`: lookup and row gradient
+  only (no update), native and stock;
 - `apply`, `apply_stock`: `ALPTOptimizer.apply_gradients` alone on a
   precomputed gradient, native and stock;
-- the forward's pieces: `id_check`, `gather_dequantize`;
+- the forward's pieces: `id_check`, `gather_dequantize` (stock) and
+  `native_gather_dequantize` (`AlptGatherDequantize`);
 - the native update's pieces: `native_unique_segment_sum` (dedup + row
   gradient sums, `AlptUniqueSegmentSum`) and `native_table_step` (read,
   row-wise Adagrad, LSQ, Δ rule, noise, quantize, write in place,
@@ -132,12 +134,21 @@ def build_pieces(rows, dim, ids_np, library=None):
     else:
         pieces["full_step"] = full(layer, optimizer)
 
-    @tf.function
-    def forward_backward():
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(layer(ids, training=True) * upstream)
-        return tape.gradient(loss, layer.trainable_variables)[0].values
-    pieces["forward_backward"] = forward_backward
+    def forward_backward_of(step_layer):
+        @tf.function
+        def forward_backward():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(step_layer(ids, training=True)
+                                     * upstream)
+            return tape.gradient(
+                loss, step_layer.trainable_variables)[0].values
+        return forward_backward
+
+    if library is not None:
+        pieces["forward_backward"] = forward_backward_of(native_layer)
+        pieces["forward_backward_stock"] = forward_backward_of(layer)
+    else:
+        pieces["forward_backward"] = forward_backward_of(layer)
 
     @tf.function
     def id_check():
@@ -153,6 +164,11 @@ def build_pieces(rows, dim, ids_np, library=None):
     if library is not None:
         pieces["apply"] = apply_of(native_layer, native_optimizer)
         native_table = alpt_keras.tables(native_layer)[0]
+
+        @tf.function
+        def native_gather_dequantize():
+            return kernels.gather_dequantize(library, native_table, flat)
+        pieces["native_gather_dequantize"] = native_gather_dequantize
         native_slots = native_optimizer.table_slots(native_table)
         strategy = tf.distribute.get_strategy()
 

@@ -7,7 +7,8 @@ from tests.benchmarks import run_tiny
 PIECES = {"full_step", "forward_backward", "apply", "id_check",
           "gather_dequantize", "unique", "segment_sum", "gather_rows",
           "row_math", "hash_noise", "scatter_writes", "raw_chain"}
-NATIVE = {"full_step_stock", "apply_stock", "native_unique_segment_sum",
+NATIVE = {"full_step_stock", "forward_backward_stock", "apply_stock",
+          "native_gather_dequantize", "native_unique_segment_sum",
           "native_table_step", "native_chain"}
 
 
