@@ -17,7 +17,7 @@ rounds) in one process:
 - the native update's pieces: `native_unique_segment_sum` (dedup + row
   gradient sums, `AlptUniqueSegmentSum`) and `native_table_step` (read,
   row-wise Adagrad, LSQ, Δ rule, noise, quantize, write in place,
-  `AlptRowwiseAdagradStep`), and `native_chain`, both in one graph;
+  `AlptTableStep`), and `native_chain`, both in one graph;
 - the stock update's pieces: `unique`, `segment_sum`
   (`unsorted_segment_sum` of the 106,496 row gradients), `gather_rows`
   (codes, Δ and state of the unique rows), `row_math` (the library's pure

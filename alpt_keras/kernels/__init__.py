@@ -197,22 +197,14 @@ def unique_segment_sum(library, ids, values):
     return library.alpt_unique_segment_sum(ids, values)
 
 
-# The one-pass table step `AlptRowwiseAdagradStep` computes in place.
-FUSED_TABLE_RULE = "rowwise_adagrad"
-FUSED_STEP_SIZE_RULE = "rowwise"
-
-
 def fused_step_supported(table, config, two_pass):
-    """Whether `AlptRowwiseAdagradStep` runs `table`'s whole update:
-    row-wise Adagrad, per-row Δ learned by the "rowwise" rule (or not
-    learned), int8 or packed codes, a one-pass step, and variables local
-    to the process (plain or mirrored, not sharded). Anything else takes
-    the stock ops (bitwise the same math, more passes)."""
+    """Whether `AlptTableStep` runs `table`'s whole update: per-row Δ
+    (learned by any step-size rule in a one-pass step, or fixed), any
+    table optimizer, int8 or packed codes. A per-table Δ and a two-pass
+    step that learns Δ take the stock ops (the same math, more passes);
+    so do sharded or remote variables (`fused_table_step` gives `None`)."""
     spec = table.spec
-    if config.embedding_optimizer != FUSED_TABLE_RULE or not spec.per_row:
-        return False
-    if spec.learn_step_size and (
-            two_pass or config.step_size_optimizer != FUSED_STEP_SIZE_RULE):
+    if not spec.per_row or (spec.learn_step_size and two_pass):
         return False
     return table.storage.kind in ("int8", "packed")
 
@@ -243,34 +235,54 @@ def fused_table_step(library, strategy, table, slots, unique_ids, grads,
     from alpt_keras import quantizers  # noqa: PLC0415 (import cycle)
     from alpt_keras.update.table_spec import as_group  # noqa: PLC0415
     group = as_group(table.spec)
-    learn = group.learn_step_size
-    variables = [table.storage.variable, table.step_sizes,
-                 slots["accumulator"]]
-    if learn:
-        variables.append(slots["step_size_accumulator"])
+    table_rule = config.table_rule
+    step_rule = config.step_size_rule if group.learn_step_size else None
+    variables = [table.storage.variable, table.step_sizes]
+    variables += [slots[s.name] for s in table_rule.slots]
+    if step_rule is not None:
+        variables += [slots[s.name] for s in step_rule.slots]
     parts = [_components(strategy, v) for v in variables]
     if any(p is None for p in parts) or len({len(p) for p in parts}) != 1:
         return None
-    hyper = config.embedding_hyperparameters
     keys = quantizers.hash_key(
         tf.constant([t.seed for t in group.tables], tf.int64),
         tf.constant([t.salt for t in group.tables], tf.int64), step)
-    # Python floats become float32 exactly as in the stock ops' graph.
-    constants = tf.constant([
-        hyper.learning_rate, hyper.epsilon, step_size_hyper.learning_rate,
-        step_size_hyper.epsilon,
-        quantizers.lsq_gradient_scale(group.output_dim, group.num_bits),
-        group.min_step_size], tf.float32)
+    t = tf.cast(step + 1, tf.float32)  # update.step._step_number
+
+    def constants(hyper):
+        # Python floats become float32 exactly as in the stock ops' graph
+        # (`1.0 - beta` is a Python subtraction there too); the bias
+        # corrections are the same graph ops as `update.rules`'.
+        return [tf.constant(hyper.learning_rate, tf.float32),
+                tf.constant(hyper.epsilon, tf.float32),
+                tf.constant(hyper.beta_1, tf.float32),
+                tf.constant(1.0 - hyper.beta_1, tf.float32),
+                tf.constant(hyper.beta_2, tf.float32),
+                tf.constant(1.0 - hyper.beta_2, tf.float32),
+                1.0 - tf.pow(hyper.beta_1, t),
+                1.0 - tf.pow(hyper.beta_2, t)]
+
+    hyper = tf.stack(
+        constants(config.embedding_hyperparameters)
+        + constants(step_size_hyper)
+        + [tf.constant(quantizers.lsq_gradient_scale(
+            group.output_dim, group.num_bits), tf.float32),
+           tf.constant(group.min_step_size, tf.float32)])
     offsets = tf.constant(group.offsets, tf.int64)
+    num_table_slots = len(table_rule.slots)
     ops = []
     for replica in zip(*parts, strict=True):
         with tf.device(replica[0].device):
-            ops.append(library.alpt_rowwise_adagrad_step(
+            ops.append(library.alpt_table_step(
                 codes=replica[0].handle, step_sizes=replica[1].handle,
-                accumulator=replica[2].handle,
-                step_size_accumulator=[r.handle for r in replica[3:]],
+                table_state=[r.handle for r in
+                             replica[2:2 + num_table_slots]],
+                step_size_state=[r.handle for r in
+                                 replica[2 + num_table_slots:]],
                 ids=unique_ids, grads=grads, offsets=offsets, keys=keys,
-                hyper=constants, apply=apply,
+                hyper=hyper, apply=apply, table_rule=table_rule.name,
+                step_size_rule="none" if step_rule is None
+                else step_rule.name,
                 num_bits=group.num_bits,
                 packed=table.storage.kind == "packed",
                 stochastic=group.rounding == "stochastic"))

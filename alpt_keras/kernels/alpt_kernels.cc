@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -147,22 +148,25 @@ REGISTER_KERNEL_BUILDER(Name("AlptUniqueSegmentSum").Device(DEVICE_CPU),
                         UniqueSegmentSumOp);
 
 // ---------------------------------------------------------------------------
-// AlptRowwiseAdagradStep: the whole one-pass table step of the touched rows,
-// read, computed and written in place (alpt_keras.update.table_step with
-// embedding_optimizer="rowwise_adagrad", step_size_optimizer="rowwise",
-// per-row Δ), so no row is gathered or scattered by separate ops.
+// AlptTableStep: the whole one-pass table step of the touched rows, read,
+// computed and written in place (alpt_keras.update.table_step with per-row
+// Δ and any table optimizer and step-size rule), so no row is gathered or
+// scattered by separate ops.
 
-REGISTER_OP("AlptRowwiseAdagradStep")
+REGISTER_OP("AlptTableStep")
     .Input("codes: resource")
     .Input("step_sizes: resource")
-    .Input("accumulator: resource")
-    .Input("step_size_accumulator: num_step_size_slots * resource")
+    .Input("table_state: num_table_slots * resource")
+    .Input("step_size_state: num_step_size_slots * resource")
     .Input("ids: int64")
     .Input("grads: float")
     .Input("offsets: int64")
     .Input("keys: uint32")
     .Input("hyper: float")
     .Input("apply: bool")
+    .Attr("table_rule: {'rowwise_adagrad', 'adagrad', 'sgd', 'lazy_adam'}")
+    .Attr("step_size_rule: {'rowwise', 'adagrad', 'adam', 'sgd', 'none'}")
+    .Attr("num_table_slots: int >= 0")
     .Attr("num_step_size_slots: int >= 0")
     .Attr("num_bits: int >= 2")
     .Attr("packed: bool")
@@ -171,15 +175,21 @@ REGISTER_OP("AlptRowwiseAdagradStep")
     .SetShapeFn(shape_inference::NoOutputs)
     .Doc(R"doc(
 One ALPT table step of the unique rows `ids` (global ids of a group, each
-in [0, V)) with their summed gradients `grads` [U, D]: row-wise Adagrad on
-`w = Δ·ŵ`, then (when `num_step_size_slots` is 1) the "rowwise" rule on the
-per-row Δ from the LSQ gradient, then the codes `clip(R(w'/Δ'))`, written
-into the variables in place. Bitwise what alpt_keras.update.table_step and
-the optimizer's scatters compute on CPU (same elementwise IEEE operations
-and the documented column-reduction order). `offsets` [T+1] are the group's
-row offsets and `keys` [T] the uint32 noise keys hash_key(seed, salt, step)
-of its logical tables; `hyper` = [lr, epsilon, step_size_lr,
-step_size_epsilon, lsq_scale, min_step_size]. When `apply` is false
+in [0, V)) with their summed gradients `grads` [U, D]: the table optimizer
+`table_rule` on `w = Δ·ŵ`, then the step-size rule `step_size_rule` on the
+per-row Δ from the LSQ gradient ("none": Δ fixed), then the codes
+`clip(R(w'/Δ'))`, written into the variables in place. Bitwise what
+alpt_keras.update.table_step and the optimizer's scatters compute on CPU
+(same elementwise IEEE operations and the documented column-reduction
+order). `table_state` holds the rule's slots in alpt_keras.update.rules
+order (the accumulator [V, 1] of rowwise_adagrad, the accumulator [V, D]
+of adagrad, m and v [V, D] of lazy_adam, none for sgd), `step_size_state`
+the step-size rule's ([V, 1] each). `offsets` [T+1] are the group's row offsets and `keys` [T]
+the uint32 noise keys hash_key(seed, salt, step) of its logical tables.
+`hyper` holds 18 float32 values computed in the graph exactly as the stock
+update computes them: for the table optimizer then for the step-size rule,
+[lr, epsilon, beta_1, 1 - beta_1, beta_2, 1 - beta_2, 1 - beta_1^t,
+1 - beta_2^t]; then lsq_scale and min_step_size. When `apply` is false
 nothing is read or written (a skipped step).
 )doc");
 
@@ -279,17 +289,66 @@ Status PrepareInPlaceWrite(OpKernelContext* context, Var* var) {
   return ::tensorflow::OkStatus();
 }
 
-class RowwiseAdagradStepOp : public OpKernel {
+enum class TableRule { kRowwiseAdagrad, kAdagrad, kSgd, kLazyAdam };
+enum class StepRule { kRowwise, kAdagrad, kAdam, kSgd, kNone };
+
+// One rule's constants, in the order of `hyper`.
+struct RuleConstants {
+  float lr, epsilon, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2,
+      bias_1, bias_2;
+  explicit RuleConstants(const float* h)
+      : lr(h[0]),
+        epsilon(h[1]),
+        beta_1(h[2]),
+        one_minus_beta_1(h[3]),
+        beta_2(h[4]),
+        one_minus_beta_2(h[5]),
+        bias_1(h[6]),
+        bias_2(h[7]) {}
+};
+
+class TableStepOp : public OpKernel {
  public:
-  explicit RowwiseAdagradStepOp(OpKernelConstruction* context)
-      : OpKernel(context) {
+  explicit TableStepOp(OpKernelConstruction* context) : OpKernel(context) {
+    std::string table_rule, step_rule;
+    OP_REQUIRES_OK(context, context->GetAttr("table_rule", &table_rule));
+    OP_REQUIRES_OK(context, context->GetAttr("step_size_rule", &step_rule));
+    OP_REQUIRES_OK(context,
+                   context->GetAttr("num_table_slots", &num_table_slots_));
     OP_REQUIRES_OK(context, context->GetAttr("num_step_size_slots",
                                              &num_step_size_slots_));
     OP_REQUIRES_OK(context, context->GetAttr("num_bits", &num_bits_));
     OP_REQUIRES_OK(context, context->GetAttr("packed", &packed_));
     OP_REQUIRES_OK(context, context->GetAttr("stochastic", &stochastic_));
-    OP_REQUIRES(context, num_step_size_slots_ <= 1,
-                InvalidArgument("num_step_size_slots must be 0 or 1, got ",
+    int table_slots = 0;
+    if (table_rule == "rowwise_adagrad") {
+      table_rule_ = TableRule::kRowwiseAdagrad, table_slots = 1;
+    } else if (table_rule == "adagrad") {
+      table_rule_ = TableRule::kAdagrad, table_slots = 1;
+    } else if (table_rule == "sgd") {
+      table_rule_ = TableRule::kSgd, table_slots = 0;
+    } else {
+      table_rule_ = TableRule::kLazyAdam, table_slots = 2;
+    }
+    int step_slots = 0;
+    if (step_rule == "rowwise") {
+      step_rule_ = StepRule::kRowwise, step_slots = 1;
+    } else if (step_rule == "adagrad") {
+      step_rule_ = StepRule::kAdagrad, step_slots = 1;
+    } else if (step_rule == "adam") {
+      step_rule_ = StepRule::kAdam, step_slots = 2;
+    } else if (step_rule == "sgd") {
+      step_rule_ = StepRule::kSgd, step_slots = 0;
+    } else {
+      step_rule_ = StepRule::kNone, step_slots = 0;
+    }
+    OP_REQUIRES(context, num_table_slots_ == table_slots,
+                InvalidArgument("table_rule ", table_rule, " has ",
+                                table_slots, " slots, got ",
+                                num_table_slots_));
+    OP_REQUIRES(context, num_step_size_slots_ == step_slots,
+                InvalidArgument("step_size_rule ", step_rule, " has ",
+                                step_slots, " slots, got ",
                                 num_step_size_slots_));
     OP_REQUIRES(context, num_bits_ >= 2 && num_bits_ <= 8,
                 InvalidArgument("num_bits must be in [2, 8], got ",
@@ -313,16 +372,16 @@ class RowwiseAdagradStepOp : public OpKernel {
                              grads_in->dim_size(0) == ids_in->dim_size(0),
                 InvalidArgument("grads must be [len(ids), D], got ",
                                 grads_in->shape().DebugString()));
-    OP_REQUIRES(context, hyper_in->NumElements() == 6,
-                InvalidArgument("hyper must hold 6 values, got ",
+    OP_REQUIRES(context, hyper_in->NumElements() == 18,
+                InvalidArgument("hyper must hold 18 values, got ",
                                 hyper_in->NumElements()));
     const int64_t num_tables = keys_in->NumElements();
     OP_REQUIRES(context, num_tables >= 1 &&
                              offsets_in->NumElements() == num_tables + 1,
                 InvalidArgument("offsets must hold len(keys) + 1 values"));
 
-    const int learn = num_step_size_slots_;
-    const int num_vars = 3 + learn;
+    // Variables: codes, Δ, the table rule's slots, the Δ rule's slots.
+    const int num_vars = 2 + num_table_slots_ + num_step_size_slots_;
     std::vector<::tensorflow::core::RefCountPtr<Var>> refs(num_vars);
     std::vector<Var*> vars(num_vars);
     for (int i = 0; i < num_vars; ++i) {
@@ -357,12 +416,17 @@ class RowwiseAdagradStepOp : public OpKernel {
                         " and shape ", codes_t->shape().DebugString(),
                         " do not match ", d, " columns of ", num_bits_,
                         packed_ ? "-bit packed codes" : "-bit int8 codes"));
+    const bool per_element_state = table_rule_ == TableRule::kAdagrad ||
+                                   table_rule_ == TableRule::kLazyAdam;
     for (int i = 1; i < num_vars; ++i) {
+      const bool wide = per_element_state && i >= 2 &&
+                        i < 2 + num_table_slots_;
       const Tensor* t = vars[i]->tensor();
       OP_REQUIRES(context, t->dtype() == ::tensorflow::DT_FLOAT &&
-                               t->NumElements() == v,
-                  InvalidArgument("per-row variable ", i, " must be float ",
-                                  "with one value per row (", v, "), got ",
+                               t->NumElements() == (wide ? v * d : v),
+                  InvalidArgument("variable ", i, " must be float with ",
+                                  wide ? d : 1, " value(s) per row (",
+                                  v, " rows), got ",
                                   t->shape().DebugString()));
     }
     const int64_t* ids = ids_in->flat<int64_t>().data();
@@ -381,9 +445,8 @@ class RowwiseAdagradStepOp : public OpKernel {
     const float* grads = grads_in->flat<float>().data();
     const uint32_t* keys = keys_in->flat<uint32_t>().data();
     const float* hyper = hyper_in->flat<float>().data();
-    const float lr = hyper[0], epsilon = hyper[1], step_lr = hyper[2],
-                step_epsilon = hyper[3], lsq_scale = hyper[4],
-                min_step_size = hyper[5];
+    const RuleConstants table(hyper), step(hyper + 8);
+    const float lsq_scale = hyper[16], min_step_size = hyper[17];
     const int32_t q_neg = 1 << (num_bits_ - 1);
     const float q_min = static_cast<float>(-q_neg);
     const float q_max = static_cast<float>(q_neg - 1);
@@ -397,15 +460,24 @@ class RowwiseAdagradStepOp : public OpKernel {
     int8_t* codes8 = packed_ ? nullptr : codes_t->flat<int8_t>().data();
     int32_t* codes32 = packed_ ? codes_t->flat<int32_t>().data() : nullptr;
     float* step_sizes = vars[1]->tensor()->flat<float>().data();
-    float* accumulator = vars[2]->tensor()->flat<float>().data();
-    float* step_accumulator =
-        learn ? vars[3]->tensor()->flat<float>().data() : nullptr;
+    float* slot[2] = {nullptr, nullptr};       // the table rule's
+    float* step_slot[2] = {nullptr, nullptr};  // the Δ rule's
+    for (int k = 0; k < num_table_slots_; ++k) {
+      slot[k] = vars[2 + k]->tensor()->flat<float>().data();
+    }
+    for (int k = 0; k < num_step_size_slots_; ++k) {
+      step_slot[k] =
+          vars[2 + num_table_slots_ + k]->tensor()->flat<float>().data();
+    }
     const int bits = num_bits_;
     const bool packed = packed_, stochastic = stochastic_;
+    const TableRule table_rule = table_rule_;
+    const StepRule step_rule = step_rule_;
+    const bool learn = step_rule != StepRule::kNone;
 
     auto rows = [&](int64_t begin, int64_t end) {
       std::vector<float> w(d), squares(d), updated(d), products(d),
-          noise(d);
+          noise(d), first(d), second(d);
       std::vector<int32_t> codes(d);
       std::vector<uint64_t> buffer(words + 1);
       constexpr int64_t kAhead = 8;  // rows prefetched ahead (random ids)
@@ -418,8 +490,13 @@ class RowwiseAdagradStepOp : public OpKernel {
                                           codes8 + next * d),
                              1);
           __builtin_prefetch(step_sizes + next, 1);
-          __builtin_prefetch(accumulator + next, 1);
-          if (learn) __builtin_prefetch(step_accumulator + next, 1);
+          for (int k = 0; k < num_table_slots_; ++k) {
+            __builtin_prefetch(slot[k] + next * (per_element_state ? d : 1),
+                               1);
+          }
+          for (int k = 0; k < num_step_size_slots_; ++k) {
+            __builtin_prefetch(step_slot[k] + next, 1);
+          }
         }
         const int64_t id = ids[r];
         const float* g = grads + r * d;
@@ -442,22 +519,57 @@ class RowwiseAdagradStepOp : public OpKernel {
           const int8_t* row = codes8 + id * d;
           for (int64_t j = 0; j < d; ++j) codes[j] = row[j];
         }
-        // Row-wise Adagrad on w = Δ·ŵ. Simple loops, one operation chain
-        // each, so the compiler vectorises them without reordering.
+        // The table optimizer on w = Δ·ŵ. Simple loops, one operation
+        // chain each, so the compiler vectorises them without reordering.
         const float delta = step_sizes[id];
         for (int64_t j = 0; j < d; ++j) {
           w[j] = static_cast<float>(codes[j]) * delta;
         }
         for (int64_t j = 0; j < d; ++j) squares[j] = g[j] * g[j];
-        const float mean_square = ColumnSum(squares.data(), d) / count;
-        const float acc = accumulator[id] + mean_square;
-        const float denominator = std::sqrt(acc) + epsilon;
-        for (int64_t j = 0; j < d; ++j) {
-          updated[j] = w[j] - (lr * g[j]) / denominator;
+        float row_acc = 0.0f;
+        switch (table_rule) {
+          case TableRule::kRowwiseAdagrad: {
+            const float mean_square = ColumnSum(squares.data(), d) / count;
+            row_acc = slot[0][id] + mean_square;
+            const float denominator = std::sqrt(row_acc) + table.epsilon;
+            for (int64_t j = 0; j < d; ++j) {
+              updated[j] = w[j] - (table.lr * g[j]) / denominator;
+            }
+            break;
+          }
+          case TableRule::kAdagrad: {
+            const float* acc = slot[0] + id * d;
+            for (int64_t j = 0; j < d; ++j) {
+              first[j] = acc[j] + squares[j];
+              updated[j] = w[j] - (table.lr * g[j]) /
+                                      (std::sqrt(first[j]) + table.epsilon);
+            }
+            break;
+          }
+          case TableRule::kSgd:
+            for (int64_t j = 0; j < d; ++j) {
+              updated[j] = w[j] - table.lr * g[j];
+            }
+            break;
+          case TableRule::kLazyAdam: {
+            const float* m = slot[0] + id * d;
+            const float* v2 = slot[1] + id * d;
+            for (int64_t j = 0; j < d; ++j) {
+              first[j] = table.beta_1 * m[j] + table.one_minus_beta_1 * g[j];
+              second[j] =
+                  table.beta_2 * v2[j] + table.one_minus_beta_2 * squares[j];
+              const float m_hat = first[j] / table.bias_1;
+              const float v_hat = second[j] / table.bias_2;
+              updated[j] =
+                  w[j] - table.lr * (m_hat / (std::sqrt(v_hat) +
+                                              table.epsilon));
+            }
+            break;
+          }
         }
-        // The "rowwise" rule on Δ from LSQ's gradient γ Σ_j g_j s_j.
+        // The step-size rule on Δ from LSQ's gradient γ Σ_j g_j s_j.
         float new_delta = delta;
-        float step_acc = 0.0f;
+        float step_first = 0.0f, step_second = 0.0f;
         if (learn) {
           for (int64_t j = 0; j < d; ++j) {
             // where(v <= -Q_N, -Q_N, where(v >= Q_P, Q_P, R_D(v) - v)).
@@ -469,10 +581,41 @@ class RowwiseAdagradStepOp : public OpKernel {
             products[j] = g[j] * (ratio <= q_min ? q_min : high);
           }
           const float step_grad = lsq_scale * ColumnSum(products.data(), d);
-          step_acc = step_accumulator[id] + mean_square;
-          const float direction =
-              step_grad / (std::sqrt(step_acc) + step_epsilon);
-          new_delta = delta * (1.0f - step_lr * direction);
+          switch (step_rule) {
+            case StepRule::kRowwise: {
+              const float mean_square =
+                  ColumnSum(squares.data(), d) / count;
+              step_first = step_slot[0][id] + mean_square;
+              const float direction =
+                  step_grad / (std::sqrt(step_first) + step.epsilon);
+              new_delta = delta * (1.0f - step.lr * direction);
+              break;
+            }
+            case StepRule::kAdagrad: {
+              step_first = step_slot[0][id] + step_grad * step_grad;
+              const float direction =
+                  step_grad / (std::sqrt(step_first) + step.epsilon);
+              new_delta = delta - step.lr * direction;
+              break;
+            }
+            case StepRule::kAdam: {
+              step_first = step.beta_1 * step_slot[0][id] +
+                           step.one_minus_beta_1 * step_grad;
+              step_second = step.beta_2 * step_slot[1][id] +
+                            step.one_minus_beta_2 * (step_grad * step_grad);
+              const float m_hat = step_first / step.bias_1;
+              const float v_hat = step_second / step.bias_2;
+              new_delta =
+                  delta - step.lr * (m_hat / (std::sqrt(v_hat) +
+                                              step.epsilon));
+              break;
+            }
+            case StepRule::kSgd:
+              new_delta = delta - step.lr * step_grad;
+              break;
+            case StepRule::kNone:
+              break;
+          }
           new_delta = MaxPropagateNaN(new_delta, min_step_size);
         }
         // Requantize: clip(R(w' / Δ')) with the row's hashed noise.
@@ -530,10 +673,24 @@ class RowwiseAdagradStepOp : public OpKernel {
             row[j] = static_cast<int8_t>(codes[j]);
           }
         }
-        accumulator[id] = acc;
+        switch (table_rule) {
+          case TableRule::kRowwiseAdagrad:
+            slot[0][id] = row_acc;
+            break;
+          case TableRule::kAdagrad:
+            std::memcpy(slot[0] + id * d, first.data(), sizeof(float) * d);
+            break;
+          case TableRule::kLazyAdam:
+            std::memcpy(slot[0] + id * d, first.data(), sizeof(float) * d);
+            std::memcpy(slot[1] + id * d, second.data(), sizeof(float) * d);
+            break;
+          case TableRule::kSgd:
+            break;
+        }
         if (learn) {
           step_sizes[id] = new_delta;
-          step_accumulator[id] = step_acc;
+          if (num_step_size_slots_ > 0) step_slot[0][id] = step_first;
+          if (num_step_size_slots_ > 1) step_slot[1][id] = step_second;
         }
       }
     };
@@ -542,14 +699,17 @@ class RowwiseAdagradStepOp : public OpKernel {
   }
 
  private:
+  TableRule table_rule_;
+  StepRule step_rule_;
+  int num_table_slots_;
   int num_step_size_slots_;
   int num_bits_;
   bool packed_;
   bool stochastic_;
 };
 
-REGISTER_KERNEL_BUILDER(Name("AlptRowwiseAdagradStep").Device(DEVICE_CPU),
-                        RowwiseAdagradStepOp);
+REGISTER_KERNEL_BUILDER(Name("AlptTableStep").Device(DEVICE_CPU),
+                        TableStepOp);
 
 // ---------------------------------------------------------------------------
 // AlptGatherDequantize: the training forward's lookup, `Δ·ŵ` of each id's

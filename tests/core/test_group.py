@@ -312,7 +312,7 @@ def test_one_update_chain_per_group():
         # The fused table step reads and writes every variable in place.
         counts["row writes"] = sum(counts.get(op, 0) for op in (
             "ResourceScatterUpdate", "ResourceScatterAdd",
-            "AlptRowwiseAdagradStep"))
+            "AlptTableStep"))
         # The training lookup: stock gathers or one fused gather.
         counts["row reads"] = counts.get("ResourceGather", 0) + counts.get(
             "AlptGatherDequantize", 0)
@@ -320,7 +320,7 @@ def test_one_update_chain_per_group():
         assert group.get(op, 0) == single.get(op, 0) > 0, (
             op, group.get(op), single.get(op))
     for op in ("ResourceScatterUpdate", "ResourceScatterAdd",
-               "AlptRowwiseAdagradStep", "ResourceGather",
+               "AlptTableStep", "ResourceGather",
                "AlptGatherDequantize"):
         assert group.get(op, 0) == single.get(op, 0), op
 

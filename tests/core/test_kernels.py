@@ -123,26 +123,31 @@ def test_the_training_step_uses_the_kernel_only_when_asked(monkeypatch):
     native = _train_step_ops("native", monkeypatch)
     assert "AlptUniqueSegmentSum" in native
     assert "Unique" not in native and "UnsortedSegmentSum" not in native
-    # The default rules: the fused step reads and writes the rows in place,
-    # and the training lookup is one fused gather.
-    assert native.count("AlptRowwiseAdagradStep") == 1
+    # The fused step reads and writes the rows in place, and the training
+    # lookup is one fused gather.
+    assert native.count("AlptTableStep") == 1
     assert not {"ResourceScatterUpdate", "ResourceScatterAdd"} & set(native)
     assert native.count("AlptGatherDequantize") == 1
     assert "ResourceGather" not in native
     stock = _train_step_ops("stock", monkeypatch)
-    assert not {"AlptUniqueSegmentSum", "AlptRowwiseAdagradStep",
+    assert not {"AlptUniqueSegmentSum", "AlptTableStep",
                 "AlptGatherDequantize"} & set(stock)
     assert "Unique" in stock and "UnsortedSegmentSum" in stock
     assert "ResourceScatterUpdate" in stock
 
 
-# `tests/core/test_group.py`'s cases, plus 2-bit packed codes with
-# deterministic rounding through the fused table step.
+# `tests/core/test_group.py`'s cases, plus cases for the fused table
+# step: 2-bit packed codes with deterministic rounding, lazy Adam with
+# Adam on Δ, per-element Adagrad with Adagrad on Δ.
 TRAINING_CASES = {
     **test_group.CASES,
     "rwada-row-2-packed-1p-deterministic": (
         "rowwise_adagrad", "rowwise", "row", 2, "packed", "one_pass",
         {"rounding": "deterministic"}),
+    "adam-row-4-int8-1p": ("lazy_adam", "adam", "row", 4, "int8",
+                           "one_pass", {}),
+    "adagrad-row-8-packed-1p": ("adagrad", "adagrad", "row", 8, "packed",
+                                "one_pass", {}),
 }
 
 
@@ -155,11 +160,12 @@ def test_kernel_and_stock_paths_train_bitwise_alike(name, monkeypatch,
     Adagrad and lazy Adam, per-row and per-table Δ, one- and two-pass, a
     shared table, MirroredStrategy over 2 CPUs), stacked and, for the
     first case, as separate tables: codes, Δ, every slot, dense weights
-    and counters are bitwise equal. The fused table step runs the one-pass
-    row-wise Adagrad cases with per-row Δ; the fused lookup runs all."""
+    and counters are bitwise equal. The fused table step runs the cases
+    with per-row Δ and a one-pass step; the fused lookup runs all but
+    stacked per-table Δ."""
     case = TRAINING_CASES[name]
     emb_opt, _, step_size, _, _, gradient, extra = case
-    fused_step = emb_opt == "rowwise_adagrad" and step_size == "row" and (
+    fused_step = step_size == "row" and (
         gradient == "one_pass" or not extra.get("learn_step_size", True))
     layouts = (True, False) if name == sorted(TRAINING_CASES)[0] \
         else (True,)
@@ -323,14 +329,33 @@ FUSED_CASES = {
 }
 
 
-def _fused_setup(case, seed=0):
-    """A group's variables with random codes, Δ and accumulators, and a
-    step's unique ids and summed gradients (some rows clip, some Δ hit
-    the floor)."""
+# (table optimizer, step-size rule) pairs: every rule of each kind, and
+# each with more than one partner.
+RULE_PAIRS = [("rowwise_adagrad", "rowwise"), ("adagrad", "adagrad"),
+              ("sgd", "sgd"), ("lazy_adam", "adam"), ("lazy_adam", "rowwise"),
+              ("sgd", "adam"), ("adagrad", "rowwise")]
+EMB_LR = {"rowwise_adagrad": 0.05, "adagrad": 0.05, "sgd": 2.0,
+          "lazy_adam": 0.01}
+STEP_LR = {"rowwise": 0.03, "sgd": 0.1, "adam": 2e-3, "adagrad": 2e-3}
+
+
+def _config(rules=RULE_PAIRS[0]):
+    from alpt_keras.update import UpdateConfig
+    return UpdateConfig(
+        embedding_optimizer=rules[0], embedding_learning_rate=EMB_LR[rules[0]],
+        step_size_optimizer=rules[1],
+        step_size_learning_rate=STEP_LR[rules[1]])
+
+
+def _fused_setup(case, config=None, seed=0):
+    """A group's variables with random codes, Δ and optimizer state (every
+    slot of `config`'s rules), and a step's unique ids and summed
+    gradients (some rows clip, some Δ hit the floor)."""
     from types import SimpleNamespace
 
     from alpt_keras import quantizers, update
     from alpt_keras.storage import make_storage, pack_codes, words_per_row
+    config = config or _config()
     bits, kind, dim, rounding, learn, num_tables, floor = case
     rng = np.random.default_rng(seed)
     sizes = [400, 250, 150][:num_tables]
@@ -351,12 +376,17 @@ def _fused_setup(case, seed=0):
         "codes": tf.Variable(codes0),
         "step_sizes": tf.Variable(rng.lognormal(-4, 0.5, (rows, 1)).astype(
             "float32")),
-        "accumulator": tf.Variable(np.where(
-            rng.random((rows, 1)) < 0.1, 0.0,
-            rng.lognormal(-6, 2, (rows, 1))).astype("float32")),
-        "step_size_accumulator": tf.Variable(rng.lognormal(
-            -8, 2, (rows, 1)).astype("float32")),
     }
+    slots = list(config.table_rule.slots) + list(
+        config.step_size_rule.slots if learn else ())
+    for slot in slots:
+        shape = (rows, dim if slot.per_element else 1)
+        if slot.name.endswith("m"):  # first moments: any sign
+            value = rng.normal(0, 1e-3, shape)
+        else:  # accumulators, second moments: >= 0, some exactly 0
+            value = np.where(rng.random(shape) < 0.1, 0.0,
+                             rng.lognormal(-8, 2, shape))
+        variables[slot.name] = tf.Variable(value.astype("float32"))
     ids = rng.permutation(rows)[:rows // 2].astype("int64")
     grads = (rng.standard_normal((ids.size, dim))
              * rng.lognormal(-4, 2, (ids.size, 1))).astype("float32")
@@ -368,26 +398,30 @@ def _fused_setup(case, seed=0):
 
 def _fused_stock(table, variables, ids, grads, step, config):
     """The stock path: `update.table_step` on gathered rows, then the
-    optimizer's writes (scatter_update / scatter_add of increments)."""
+    optimizer's writes (scatter_update, or scatter_add of increments)."""
     from alpt_keras import update
     group = table.spec
-    state = {"accumulator": tf.gather(variables["accumulator"], ids)}
-    step_state = {"step_size_accumulator": tf.gather(
-        variables["step_size_accumulator"], ids)}
     rule = config.step_size_rule if group.learn_step_size else None
+
+    def rows(slots):
+        return {s.name: tf.gather(variables[s.name], ids) for s in slots}
+
     out = update.table_step(
         table.storage.read_rows(ids), tf.gather(variables["step_sizes"], ids),
-        grads, state, step_state if rule else {}, step, ids, group,
-        config.table_rule, config.embedding_hyperparameters, rule,
+        grads, rows(config.table_rule.slots), rows(rule.slots) if rule else {},
+        step, ids, group, config.table_rule,
+        config.embedding_hyperparameters, rule,
         config.step_size_hyperparameters("row"))
     table.storage.write_rows(ids, out.codes)
-    variables["accumulator"].scatter_add(tf.IndexedSlices(
-        out.state["accumulator"].increment, ids))
+    for name, value in out.state.items():
+        if isinstance(value, update.Increment):
+            variables[name].scatter_add(tf.IndexedSlices(value.increment,
+                                                         ids))
+        else:
+            variables[name].scatter_update(tf.IndexedSlices(value, ids))
     if rule is not None:
         variables["step_sizes"].scatter_update(tf.IndexedSlices(
             out.step_size, ids))
-        variables["step_size_accumulator"].scatter_add(tf.IndexedSlices(
-            out.state["step_size_accumulator"].increment, ids))
 
 
 def _fused_native(library, table, variables, ids, grads, step, config,
@@ -403,16 +437,18 @@ def _values(variables):
     return {k: v.numpy().tobytes() for k, v in variables.items()}
 
 
+@pytest.mark.parametrize("rules", RULE_PAIRS, ids="-".join)
 @pytest.mark.parametrize("name", sorted(FUSED_CASES))
-def test_fused_table_step_is_bitwise_the_stock_step(library, name):
-    """One step on random rows: codes, Δ and both accumulators of the
-    kernel and of `update.table_step` + scatters are bitwise equal."""
-    from alpt_keras.update import UpdateConfig
-    config = UpdateConfig(embedding_learning_rate=0.05)
-    step = tf.constant(7, tf.int64)
+def test_fused_table_step_is_bitwise_the_stock_step(library, name, rules):
+    """One step on random rows: codes, Δ and every slot of the kernel and
+    of `update.table_step` + scatters are bitwise equal, for every table
+    optimizer and step-size rule."""
+    config = _config(rules)
+    step = tf.constant(7, tf.int64)  # Adam's bias corrections at t = 8
     results = []
     for path in ("native", "stock"):
-        table, variables, ids, grads = _fused_setup(FUSED_CASES[name])
+        table, variables, ids, grads = _fused_setup(FUSED_CASES[name],
+                                                    config)
         before = _values(variables)
         if path == "native":
             _fused_native(library, table, variables, ids, grads, step, config)
@@ -425,13 +461,14 @@ def test_fused_table_step_is_bitwise_the_stock_step(library, name):
     assert native["codes"] != before["codes"]  # the step did something
     learn = FUSED_CASES[name][4]
     assert (native["step_sizes"] != before["step_sizes"]) == learn
+    changed = {k for k in native if native[k] != before[k]}
+    assert changed == set(native) - ({"step_sizes"} if not learn else set())
 
 
 def test_fused_table_step_comparison_can_fail(library):
     """Negative control: the stock step at another step (other rounding
     noise) differs from the kernel's in some code."""
-    from alpt_keras.update import UpdateConfig
-    config = UpdateConfig(embedding_learning_rate=0.05)
+    config = _config()
     case = FUSED_CASES["8-int8-d16-3tables"]
     table, variables, ids, grads = _fused_setup(case)
     _fused_native(library, table, variables, ids, grads,
@@ -446,8 +483,7 @@ def test_fused_table_step_skipped_or_refused_changes_nothing(library):
     """`apply=False` (a step with non-finite gradients) and an id outside
     the table (an error) leave every variable bitwise unchanged; a reader's
     earlier snapshot never sees the in-place write."""
-    from alpt_keras.update import UpdateConfig
-    config = UpdateConfig()
+    config = _config()
     step = tf.constant(3, tf.int64)
     table, variables, ids, grads = _fused_setup(FUSED_CASES["4-packed-d16"])
     before = _values(variables)
