@@ -110,7 +110,8 @@ def _build(case, stacked):
     model = keras.Model(inputs, y)
     optimizer = ALPTOptimizer(
         keras.optimizers.SGD(0.05), embedding_optimizer=emb_opt,
-        step_size_optimizer=step_opt, step_size_gradient=gradient)
+        step_size_optimizer=step_opt, step_size_gradient=gradient,
+        step_size_learning_rate=extra.get("step_size_learning_rate"))
     model.compile(optimizer, "binary_crossentropy")
     if gradient == "two_pass":
         two_pass(model)

@@ -137,8 +137,8 @@ def test_the_training_step_uses_the_kernel_only_when_asked(monkeypatch):
 
 
 # `tests/core/test_group.py`'s cases, plus cases for the fused table
-# step: 2-bit packed codes with deterministic rounding, lazy Adam with
-# Adam on Δ, per-element Adagrad with Adagrad on Δ.
+# step: 2-bit packed codes with deterministic rounding, and every table
+# optimizer and step-size rule with per-row Δ in one pass.
 TRAINING_CASES = {
     **test_group.CASES,
     "rwada-row-2-packed-1p-deterministic": (
@@ -148,6 +148,8 @@ TRAINING_CASES = {
                            "one_pass", {}),
     "adagrad-row-8-packed-1p": ("adagrad", "adagrad", "row", 8, "packed",
                                 "one_pass", {}),
+    "sgd-row-4-packed-1p": ("sgd", "sgd", "row", 4, "packed", "one_pass",
+                            {"step_size_learning_rate": 1e-3}),
 }
 
 
