@@ -289,6 +289,98 @@ Status PrepareInPlaceWrite(OpKernelContext* context, Var* var) {
   return ::tensorflow::OkStatus();
 }
 
+// Where a table's codes live (alpt_keras/storage.py): an int8 [V, D]
+// variable, or `num_bits`-bit fields of int32 words [V, ceil(D·b/32)], code
+// j in bits [j·b, j·b + b) of its row's bit string, stored as code + 2^(b-1).
+class Codes {
+ public:
+  Codes(int num_bits, int64_t d, bool packed)
+      : bits_(num_bits),
+        d_(d),
+        packed_(packed),
+        words_((d * num_bits + 31) / 32),
+        q_neg_(1 << (num_bits - 1)),
+        mask_((uint64_t{1} << num_bits) - 1) {}
+
+  // Checks that `codes` is a variable of this layout and keeps its data.
+  Status Bind(const Tensor& codes) {
+    const bool ok =
+        codes.dims() == 2 &&
+        (packed_ ? (codes.dtype() == ::tensorflow::DT_INT32 &&
+                    codes.dim_size(1) == words_)
+                 : (codes.dtype() == ::tensorflow::DT_INT8 &&
+                    codes.dim_size(1) == d_));
+    if (!ok) {
+      return InvalidArgument(
+          "codes variable of dtype ",
+          ::tensorflow::DataTypeString(codes.dtype()), " and shape ",
+          codes.shape().DebugString(), " do not match ", d_, " columns of ",
+          bits_, packed_ ? "-bit packed codes" : "-bit int8 codes");
+    }
+    rows_ = codes.dim_size(0);
+    data_ = const_cast<char*>(codes.tensor_data().data());
+    return ::tensorflow::OkStatus();
+  }
+
+  int64_t rows() const { return rows_; }
+  int64_t words() const { return words_; }
+  const void* Address(int64_t id) const {
+    return data_ + id * (packed_ ? 4 * words_ : d_);
+  }
+
+  // The codes of row `id` as int32 `out[D]`.
+  void Read(int64_t id, int32_t* out) const {
+    if (!packed_) {
+      const int8_t* row = reinterpret_cast<const int8_t*>(data_) + id * d_;
+      for (int64_t j = 0; j < d_; ++j) out[j] = row[j];
+      return;
+    }
+    const int32_t* row = reinterpret_cast<const int32_t*>(data_) + id * words_;
+    for (int64_t j = 0; j < d_; ++j) {
+      const int64_t start = j * bits_;
+      const int64_t word = start / 32, offset = start % 32;
+      uint64_t window = static_cast<uint32_t>(row[word]);
+      if (word + 1 < words_) {
+        window |= static_cast<uint64_t>(static_cast<uint32_t>(row[word + 1]))
+                  << 32;
+      }
+      out[j] = static_cast<int32_t>((window >> offset) & mask_) - q_neg_;
+    }
+  }
+
+  // Writes clipped codes `codes[D]` into row `id`; `buffer` holds
+  // words() + 1 values.
+  void Write(int64_t id, const int32_t* codes, uint64_t* buffer) const {
+    if (!packed_) {
+      int8_t* row = reinterpret_cast<int8_t*>(data_) + id * d_;
+      for (int64_t j = 0; j < d_; ++j) row[j] = static_cast<int8_t>(codes[j]);
+      return;
+    }
+    std::fill(buffer, buffer + words_ + 1, 0);
+    for (int64_t j = 0; j < d_; ++j) {
+      const int64_t start = j * bits_;
+      const uint64_t field = static_cast<uint64_t>(codes[j] + q_neg_)
+                             << (start % 32);
+      buffer[start / 32] |= field & 0xFFFFFFFFULL;
+      buffer[start / 32 + 1] |= field >> 32;
+    }
+    int32_t* row = reinterpret_cast<int32_t*>(data_) + id * words_;
+    for (int64_t k = 0; k < words_; ++k) {
+      row[k] = static_cast<int32_t>(static_cast<uint32_t>(buffer[k]));
+    }
+  }
+
+ private:
+  int bits_;
+  int64_t d_;
+  bool packed_;
+  int64_t words_;
+  int32_t q_neg_;
+  uint64_t mask_;
+  int64_t rows_ = 0;
+  char* data_ = nullptr;
+};
+
 enum class TableRule { kRowwiseAdagrad, kAdagrad, kSgd, kLazyAdam };
 enum class StepRule { kRowwise, kAdagrad, kAdam, kSgd, kNone };
 
@@ -397,25 +489,11 @@ class TableStepOp : public OpKernel {
                   ::tensorflow::errors::FailedPrecondition(
                       "ALPT table variable ", i, " is not initialized"));
     }
-    Tensor* codes_t = vars[0]->tensor();
     const int64_t d = grads_in->dim_size(1);
     const int64_t u = ids_in->dim_size(0);
-    OP_REQUIRES(context, codes_t->dims() == 2,
-                InvalidArgument("codes must be a matrix, got ",
-                                codes_t->shape().DebugString()));
-    const int64_t v = codes_t->dim_size(0);
-    const int64_t width = codes_t->dim_size(1);
-    const int64_t words = (d * num_bits_ + 31) / 32;
-    OP_REQUIRES(
-        context,
-        packed_ ? (codes_t->dtype() == ::tensorflow::DT_INT32 &&
-                   width == words)
-                : (codes_t->dtype() == ::tensorflow::DT_INT8 && width == d),
-        InvalidArgument("codes variable of dtype ",
-                        ::tensorflow::DataTypeString(codes_t->dtype()),
-                        " and shape ", codes_t->shape().DebugString(),
-                        " do not match ", d, " columns of ", num_bits_,
-                        packed_ ? "-bit packed codes" : "-bit int8 codes"));
+    Codes stored(num_bits_, d, packed_);
+    OP_REQUIRES_OK(context, stored.Bind(*vars[0]->tensor()));
+    const int64_t v = stored.rows();
     const bool per_element_state = table_rule_ == TableRule::kAdagrad ||
                                    table_rule_ == TableRule::kLazyAdam;
     for (int i = 1; i < num_vars; ++i) {
@@ -441,6 +519,8 @@ class TableStepOp : public OpKernel {
     for (int i = 0; i < num_vars; ++i) {
       OP_REQUIRES_OK(context, PrepareInPlaceWrite(context, vars[i]));
     }
+    // The buffer may have been copied (a reader held it): bind again.
+    OP_REQUIRES_OK(context, stored.Bind(*vars[0]->tensor()));
 
     const float* grads = grads_in->flat<float>().data();
     const uint32_t* keys = keys_in->flat<uint32_t>().data();
@@ -450,15 +530,12 @@ class TableStepOp : public OpKernel {
     const int32_t q_neg = 1 << (num_bits_ - 1);
     const float q_min = static_cast<float>(-q_neg);
     const float q_max = static_cast<float>(q_neg - 1);
-    const uint64_t mask = (uint64_t{1} << num_bits_) - 1;
     const float count = static_cast<float>(d);
     std::vector<uint32_t> column_keys(d);
     for (int64_t j = 0; j < d; ++j) {
       const int64_t c = ((j + 1) * int64_t{0x1E3779B9}) & 0xFFFFFFFFLL;
       column_keys[j] = Mix32(static_cast<uint32_t>(c));
     }
-    int8_t* codes8 = packed_ ? nullptr : codes_t->flat<int8_t>().data();
-    int32_t* codes32 = packed_ ? codes_t->flat<int32_t>().data() : nullptr;
     float* step_sizes = vars[1]->tensor()->flat<float>().data();
     float* slot[2] = {nullptr, nullptr};       // the table rule's
     float* step_slot[2] = {nullptr, nullptr};  // the Δ rule's
@@ -469,8 +546,7 @@ class TableStepOp : public OpKernel {
       step_slot[k] =
           vars[2 + num_table_slots_ + k]->tensor()->flat<float>().data();
     }
-    const int bits = num_bits_;
-    const bool packed = packed_, stochastic = stochastic_;
+    const bool stochastic = stochastic_;
     const TableRule table_rule = table_rule_;
     const StepRule step_rule = step_rule_;
     const bool learn = step_rule != StepRule::kNone;
@@ -479,16 +555,12 @@ class TableStepOp : public OpKernel {
       std::vector<float> w(d), squares(d), updated(d), products(d),
           noise(d), first(d), second(d);
       std::vector<int32_t> codes(d);
-      std::vector<uint64_t> buffer(words + 1);
+      std::vector<uint64_t> buffer(stored.words() + 1);
       constexpr int64_t kAhead = 8;  // rows prefetched ahead (random ids)
       for (int64_t r = begin; r < end; ++r) {
         if (r + kAhead < end) {
           const int64_t next = ids[r + kAhead];
-          __builtin_prefetch(packed ? static_cast<const void*>(
-                                          codes32 + next * words)
-                                    : static_cast<const void*>(
-                                          codes8 + next * d),
-                             1);
+          __builtin_prefetch(stored.Address(next), 1);
           __builtin_prefetch(step_sizes + next, 1);
           for (int k = 0; k < num_table_slots_; ++k) {
             __builtin_prefetch(slot[k] + next * (per_element_state ? d : 1),
@@ -500,25 +572,7 @@ class TableStepOp : public OpKernel {
         }
         const int64_t id = ids[r];
         const float* g = grads + r * d;
-        // The stored codes of the row.
-        if (packed) {
-          const int32_t* row = codes32 + id * words;
-          for (int64_t j = 0; j < d; ++j) {
-            const int64_t start = j * bits;
-            const int64_t word = start / 32, offset = start % 32;
-            uint64_t window = static_cast<uint32_t>(row[word]);
-            if (word + 1 < words) {
-              window |= static_cast<uint64_t>(
-                            static_cast<uint32_t>(row[word + 1]))
-                        << 32;
-            }
-            codes[j] = static_cast<int32_t>((window >> offset) & mask) -
-                       q_neg;
-          }
-        } else {
-          const int8_t* row = codes8 + id * d;
-          for (int64_t j = 0; j < d; ++j) codes[j] = row[j];
-        }
+        stored.Read(id, codes.data());
         // The table optimizer on w = Δ·ŵ. Simple loops, one operation
         // chain each, so the compiler vectorises them without reordering.
         const float delta = step_sizes[id];
@@ -653,26 +707,7 @@ class TableStepOp : public OpKernel {
           const float clipped = upper < q_min ? q_min : upper;
           codes[j] = static_cast<int32_t>(clipped);
         }
-        // Write back in place.
-        if (packed) {
-          std::fill(buffer.begin(), buffer.end(), 0);
-          for (int64_t j = 0; j < d; ++j) {
-            const int64_t start = j * bits;
-            const uint64_t field =
-                static_cast<uint64_t>(codes[j] + q_neg) << (start % 32);
-            buffer[start / 32] |= field & 0xFFFFFFFFULL;
-            buffer[start / 32 + 1] |= field >> 32;
-          }
-          int32_t* row = codes32 + id * words;
-          for (int64_t k = 0; k < words; ++k) {
-            row[k] = static_cast<int32_t>(static_cast<uint32_t>(buffer[k]));
-          }
-        } else {
-          int8_t* row = codes8 + id * d;
-          for (int64_t j = 0; j < d; ++j) {
-            row[j] = static_cast<int8_t>(codes[j]);
-          }
-        }
+        stored.Write(id, codes.data(), buffer.data());  // in place
         switch (table_rule) {
           case TableRule::kRowwiseAdagrad:
             slot[0][id] = row_acc;
@@ -783,22 +818,10 @@ class GatherDequantizeOp : public OpKernel {
                              steps_var->is_initialized,
                 ::tensorflow::errors::FailedPrecondition(
                     "ALPT table variables are not initialized"));
-    const Tensor& codes_t = *codes_var->tensor();
+    Codes stored(num_bits_, d, packed_);
+    OP_REQUIRES_OK(context, stored.Bind(*codes_var->tensor()));
     const Tensor& steps_t = *steps_var->tensor();
-    const int64_t words = (d * num_bits_ + 31) / 32;
-    OP_REQUIRES(
-        context,
-        codes_t.dims() == 2 &&
-            (packed_ ? (codes_t.dtype() == ::tensorflow::DT_INT32 &&
-                        codes_t.dim_size(1) == words)
-                     : (codes_t.dtype() == ::tensorflow::DT_INT8 &&
-                        codes_t.dim_size(1) == d)),
-        InvalidArgument("codes variable of dtype ",
-                        ::tensorflow::DataTypeString(codes_t.dtype()),
-                        " and shape ", codes_t.shape().DebugString(),
-                        " do not match ", d, " columns of ", num_bits_,
-                        packed_ ? "-bit packed codes" : "-bit int8 codes"));
-    const int64_t v = codes_t.dim_size(0);
+    const int64_t v = stored.rows();
     OP_REQUIRES(context, steps_t.dtype() == ::tensorflow::DT_FLOAT &&
                              steps_t.NumElements() == (per_row_ ? v : 1),
                 InvalidArgument("step sizes must be float with ",
@@ -811,49 +834,24 @@ class GatherDequantizeOp : public OpKernel {
                                   ")"));
     }
     const float* steps = steps_t.flat<float>().data();
-    const int8_t* codes8 = packed_ ? nullptr : codes_t.flat<int8_t>().data();
-    const int32_t* codes32 =
-        packed_ ? codes_t.flat<int32_t>().data() : nullptr;
     float* out = rows_out->flat<float>().data();
-    const int bits = num_bits_;
-    const bool packed = packed_, per_row = per_row_;
-    const int32_t q_neg = 1 << (bits - 1);
-    const uint64_t mask = (uint64_t{1} << bits) - 1;
+    const bool per_row = per_row_;
 
     auto rows = [&](int64_t begin, int64_t end) {
+      std::vector<int32_t> codes(d);
       constexpr int64_t kAhead = 8;
       for (int64_t r = begin; r < end; ++r) {
         if (r + kAhead < end) {
           const int64_t next = ids[r + kAhead];
-          __builtin_prefetch(packed ? static_cast<const void*>(
-                                          codes32 + next * words)
-                                    : static_cast<const void*>(
-                                          codes8 + next * d));
+          __builtin_prefetch(stored.Address(next));
           if (per_row) __builtin_prefetch(steps + next);
         }
         const int64_t id = ids[r];
         const float delta = per_row ? steps[id] : steps[0];
         float* row_out = out + r * d;
-        if (packed) {
-          const int32_t* row = codes32 + id * words;
-          for (int64_t j = 0; j < d; ++j) {
-            const int64_t start = j * bits;
-            const int64_t word = start / 32, offset = start % 32;
-            uint64_t window = static_cast<uint32_t>(row[word]);
-            if (word + 1 < words) {
-              window |= static_cast<uint64_t>(
-                            static_cast<uint32_t>(row[word + 1]))
-                        << 32;
-            }
-            const int32_t code =
-                static_cast<int32_t>((window >> offset) & mask) - q_neg;
-            row_out[j] = static_cast<float>(code) * delta;
-          }
-        } else {
-          const int8_t* row = codes8 + id * d;
-          for (int64_t j = 0; j < d; ++j) {
-            row_out[j] = static_cast<float>(row[j]) * delta;
-          }
+        stored.Read(id, codes.data());
+        for (int64_t j = 0; j < d; ++j) {
+          row_out[j] = static_cast<float>(codes[j]) * delta;
         }
       }
     };
