@@ -454,7 +454,7 @@ class ALPTOptimizer(TwoPassOptimizerMixin, keras.optimizers.Optimizer):
         return kernels.load(self.kernels)
 
     def _update_tables(self, touched, writes, finite, carriers, aggregate,
-                       count_step, library=None, strategy=None):
+                       count_step, library, strategy):
         """Cross-replica: computes every table's new rows once, writes them.
 
         Computing once and writing the same tensors to every copy keeps the
