@@ -227,8 +227,8 @@ class PhysicalTable(keras.layers.Layer):
             step_sizes = table.read_step_sizes(ids)
             if table_index is not None and not table.spec.per_row:
                 step_sizes = tf.gather(step_sizes, table_index)
-            rows = quantizers.dequantize(table.storage.read_rows(ids),
-                                         step_sizes)
+            rows = quantizers.dequantize(
+                table.storage.read_rows_float(ids), step_sizes)
         if training is False and not in_step_size_pass():
             # Inference (predict, serving): plain dequantized lookup, no
             # gradient plumbing, so exports capture only codes and Δ.

@@ -1,12 +1,22 @@
 """Packed sub-byte storage: bit layout, equivalence with int8, checkpoints."""
 
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from alpt_keras import ALPTEmbedding, ALPTOptimizer
 from alpt_keras._keras import keras
-from alpt_keras.storage import pack_codes, unpack_codes, words_per_row
+from alpt_keras.storage import (
+    PackedStorage,
+    host_is_little_endian,
+    integer_bytes,
+    pack_codes,
+    unpack_codes,
+    unpack_fields,
+    words_per_row,
+)
 from tests.core.helpers import step_layer, value
 
 V, D = 50, 16
@@ -41,6 +51,49 @@ def test_pack_matches_the_bitwise_reference_and_round_trips(num_bits, dim):
     back = unpack_codes(words, num_bits, dim)
     assert back.shape.as_list()[-1] == dim  # static, for Dense layers
     np.testing.assert_array_equal(back.numpy(), codes)
+
+
+@pytest.mark.parametrize("num_bits", [2, 4, 8])
+def test_fields_and_float_codes_are_the_stored_values(num_bits):
+    # The serving lookup's path (`read_rows_float`: fields spread into bytes
+    # and cast once) against the bit-by-bit reference, exactly.
+    rng = np.random.default_rng(num_bits)
+    low = -(1 << (num_bits - 1))
+    codes = rng.integers(low, -low, (40, 33))
+    codes[0], codes[1] = low, -low - 1
+    words = _pack_reference(codes, num_bits)
+    fields = unpack_fields(words, num_bits, 33)
+    assert fields.dtype == tf.uint8 and fields.shape.as_list()[-1] == 33
+    np.testing.assert_array_equal(fields.numpy(), codes - low)
+    variable = tf.Variable(words)
+    storage = PackedStorage(variable, num_bits, 33)
+    ids = tf.constant([5, 0, 1, 39, 5])
+    floats = storage.read_rows_float(ids)
+    assert floats.dtype == tf.float32
+    np.testing.assert_array_equal(floats.numpy(), codes[ids.numpy()])
+    with pytest.raises(ValueError, match="num_bits=3"):
+        unpack_fields(words, 3, 33)
+
+
+def test_byte_order_is_decided_on_the_serving_host():
+    # `integer_bytes` gives bytes lowest-first on either byte order. A
+    # big-endian host is emulated by byte-swapped values: their memory here
+    # is what the original values' memory is there.
+    assert bool(host_is_little_endian()) == (sys.byteorder == "little")
+    x = np.array([[0x0706050403020100, 0x0F0E0D0C0B0A0908]], np.int64)
+    expected = np.arange(16, dtype=np.uint8).reshape(1, 2, 8)
+    here = sys.byteorder == "little"
+    np.testing.assert_array_equal(integer_bytes(x).numpy(), expected)
+    np.testing.assert_array_equal(integer_bytes(x, here).numpy(), expected)
+    swapped = x.byteswap()
+    for predicate in (not here, tf.constant(not here)):  # bool and tf.cond
+        np.testing.assert_array_equal(
+            integer_bytes(swapped, predicate).numpy(), expected)
+    graph_cond = tf.function(lambda v, little: integer_bytes(v, little))
+    np.testing.assert_array_equal(
+        graph_cond(swapped, tf.constant(not here)).numpy(), expected)
+    # Negative control: the wrong order does not decode.
+    assert not np.array_equal(integer_bytes(swapped, here).numpy(), expected)
 
 
 def test_known_bit_layout():

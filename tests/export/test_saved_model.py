@@ -26,22 +26,24 @@ HERE = os.path.dirname(__file__)
 # later). An op outside this set would make older servers refuse the model.
 # Groups of stacked tables add ArgMax, StringFormat (their id check's
 # error message), Size and SplitV (one lookup split back per feature): core
-# ops since TF 1.x (StringFormat: 1.12).
+# ops since TF 1.x (StringFormat: 1.12). Packed tables unpack with Bitcast,
+# BitwiseOr, LeftShift and, for the serving host's byte order, Equal,
+# ReverseV2 and StatelessIf (TF 1.x core ops; StatelessIf: 2.0).
 ALLOWED_OPS = frozenset({
     "AddV2", "All", "Any", "ArgMax", "Assert", "AssignVariableOp",
-    "BatchMatMulV2", "BiasAdd", "BitwiseAnd", "BroadcastTo", "Cast",
-    "ConcatV2", "Const",
-    "Cumsum", "EnsureShape", "ExpandDims", "GatherNd", "GatherV2",
-    "GreaterEqual", "Identity", "If", "Less", "LogicalNot", "LogicalOr",
-    "MatMul", "MatrixBandPart", "Max", "Maximum", "MergeV2Checkpoints", "Mul",
-    "NoOp", "NotEqual", "OnesLike", "Pack", "Placeholder", "Prod", "Range",
+    "BatchMatMulV2", "BiasAdd", "Bitcast", "BitwiseAnd", "BitwiseOr",
+    "BroadcastTo", "Cast", "ConcatV2", "Const", "Cumsum", "EnsureShape",
+    "Equal", "ExpandDims", "GatherNd", "GatherV2", "GreaterEqual", "Identity",
+    "If", "LeftShift", "Less", "LogicalNot", "LogicalOr", "MatMul",
+    "MatrixBandPart", "Max", "Maximum", "MergeV2Checkpoints", "Mul", "NoOp",
+    "NotEqual", "OnesLike", "Pack", "Placeholder", "Prod", "Range",
     "ReadVariableOp", "RealDiv", "Relu", "Reshape", "ResourceGather",
-    "RestoreV2", "RightShift", "Rsqrt", "SaveV2", "Select", "SelectV2",
-    "Shape", "ShardedFilename", "Sigmoid", "Size", "SplitV", "Square",
-    "Squeeze",
-    "StatefulPartitionedCall", "StaticRegexFullMatch", "StridedSlice",
-    "StringFormat", "StringJoin", "Sub", "Sum", "Tile", "Transpose", "Unpack",
-    "UnsortedSegmentSum", "VarHandleOp", "Where",
+    "RestoreV2", "ReverseV2", "RightShift", "Rsqrt", "SaveV2", "Select",
+    "SelectV2", "Shape", "ShardedFilename", "Sigmoid", "Size", "SplitV",
+    "Square", "Squeeze", "StatefulPartitionedCall", "StatelessIf",
+    "StaticRegexFullMatch", "StridedSlice", "StringFormat", "StringJoin",
+    "Sub", "Sum", "Tile", "Transpose", "Unpack", "UnsortedSegmentSum",
+    "VarHandleOp", "Where",
 })
 
 
