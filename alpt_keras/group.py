@@ -318,7 +318,9 @@ class ALPTEmbeddingGroup(PhysicalTable):
         local = integer_ids(ids, f"ALPTEmbeddingGroup '{self.name}'")
         spec = self.group_spec
         limits = [spec.tables[t].input_dim for t in tables]
-        in_range = tf.cast(local, tf.uint64) < tf.constant(limits, tf.uint64)
+        # A free bitcast: negative ids wrap to huge unsigned values.
+        in_range = (tf.bitcast(local, tf.uint64) <
+                    tf.constant(limits, tf.uint64))
 
         def fail():
             bad = tf.logical_not(in_range)
@@ -370,7 +372,8 @@ class ALPTEmbeddingGroup(PhysicalTable):
         A failure names the feature and table of the first offending id."""
         spec = self.group_spec
         limits = tf.constant([t.input_dim for t in spec.tables], tf.uint64)
-        in_range = tf.cast(local, tf.uint64) < tf.gather(limits, table_index)
+        in_range = (tf.bitcast(local, tf.uint64) <
+                    tf.gather(limits, table_index))
         offsets = tf.constant(spec.offsets[:-1], tf.int64)
 
         def fail():
