@@ -298,17 +298,22 @@ class ALPTEmbeddingGroup(PhysicalTable):
         `F` is: one id check (`[B, F]` against each column's `input_dim`),
         one offset add, one gather and one dequantize, and no per-feature
         split, reshape or concat on the way in or out (`lookup_flat` needs
-        `O(F)` of them). The features must look up distinct tables. Each
+        `O(F)` of them). The features must look up distinct tables, unless
+        `training=False` (inference). Each
         table's ids keep their batch order, so its rows' gradients sum in
         the order of a separate table: the same numbers bitwise."""
         self._ensure_built()
         features = list(features)
         tables = [self._feature_table[f] for f in features]
-        if len(set(tables)) < len(tables):
+        if len(set(tables)) < len(tables) and training is not False:
+            # Inference may share tables: rows are rows. Training may not:
+            # a shared table's gradients must arrive in the order of
+            # separate lookups (latest feature first, as in `call`).
             raise ValueError(
                 f"ALPTEmbeddingGroup '{self.name}': lookup_matrix takes "
-                "features of distinct tables (use the group's call for "
-                f"shared tables). Received: features {features}")
+                "features of distinct tables when training (use the "
+                "group's call for shared tables, or training=False). "
+                f"Received: features {features}")
         ids = ids if isinstance(ids, tf.Tensor) else tf.convert_to_tensor(ids)
         if ids.shape.rank != 2 or ids.shape[1] not in (None, len(features)):
             raise ValueError(

@@ -118,6 +118,20 @@ class FeatureEmbedding(keras.layers.Layer):
                 and len(self.groups[0].features) == len(self.features)
                 and all(f.max_ids is None for f in self.features))
 
+    def _one_shared_layer(self):
+        """The one layer every feature looks up, if there is one and it
+        shares a table between features: a group, or a single table
+        layer (ALPT or float) with no combiner; else `None`."""
+        if len(self.features) < 2:
+            return None
+        if len(self.groups) == 1 and self.groups[0].shares_tables and \
+                len(self.groups[0].features) == len(self.features):
+            return self.groups[0]
+        if not self.groups and len(self.tables) == 1 and \
+                getattr(self.tables[0], "combiner", None) is None:
+            return self.tables[0]
+        return None
+
     def build(self, input_shape=None):
         for layer in list(self.groups) + list(self.tables):
             if not layer.built:
@@ -157,6 +171,25 @@ class FeatureEmbedding(keras.layers.Layer):
                 bag = tf.ragged.boolean_mask(ids, tf.not_equal(ids, -1))
                 bags[feature.name] = bag
                 flat_ids[feature.name] = bag.flat_values
+        one_hot = all(f.max_ids is None for f in self.features)
+        if one_hot and training is False:
+            shared = self._one_shared_layer()
+            if shared is not None:
+                # Inference, every feature in one table (one table shared
+                # by all fields, or one group with shared tables): one
+                # [B, F] lookup, not one chain per feature. Training keeps
+                # the per-feature path below, whose order of a shared
+                # table's gradients is part of its numbers.
+                names = [f.name for f in self.features]
+                columns = [flat_ids[n] for n in names]
+                if len({c.dtype for c in columns}) == 1:
+                    ids = tf.stack(columns, axis=1)
+                    if isinstance(shared, ALPTEmbeddingGroup):
+                        return shared.lookup_matrix(names, ids,
+                                                    training=False)
+                    if isinstance(shared, ALPTEmbedding):
+                        return shared(ids, training=False)
+                    return shared(ids)
         if self._one_group_of_one_hot_features():
             # The common CTR case (every feature one-hot, one group): one
             # [B, F] id matrix, looked up in O(1) ops whatever F is.

@@ -187,3 +187,46 @@ def test_the_matrix_lookup_names_the_feature_of_a_bad_id():
                        match=r'feature "item" \(table "item", '
                              r'input_dim=20\); first 10: \[-3\]'):
         layer({"user": np.array([1, 2]), "item": np.array([-3, 4])})
+
+
+def _gather_ops(layer, x):
+    specs = {k: tf.TensorSpec([None], tf.int64) for k in x}
+    graph = tf.function(lambda ids: layer(ids, training=False)) \
+        .get_concrete_function(specs).graph
+    return sum(op.type in ("ResourceGather", "GatherV2")
+               for op in graph.get_operations())
+
+
+@pytest.mark.parametrize("layout", ["one_alpt_table", "one_float_table",
+                                    "group_with_a_shared_table"])
+def test_inference_looks_up_shared_tables_once(layout):
+    """Features sharing tables (one table for every field, or a group
+    holding a shared table): inference looks up one `[B, F]` id matrix,
+    a constant number of gathers whatever `F`, with bitwise the rows of
+    the per-feature path that training takes."""
+    from alpt_keras.models import FeatureEmbedding
+
+    kind = "float32" if layout == "one_float_table" else "alpt"
+    if layout == "group_with_a_shared_table":
+        features = simple_features({n: 50 + 9 * i for i, n in
+                                    enumerate(NAMES[:4])}, embedding_dim=4)
+        features.append(FeatureConfig("f4", features[0].table))
+    else:
+        table = TableConfig("ids", 90, 4, kind=kind, seed=3)
+        features = [FeatureConfig(n, table) for n in NAMES]
+    layer = FeatureEmbedding(features)
+    x = {n: tf.constant(np.arange(6) * (i + 1) % 50, tf.int64)
+         for i, n in enumerate(NAMES)}
+    per_feature = layer(x)  # training=None: the per-feature path
+    rows = layer(x, training=False)
+    assert rows.shape == (6, 5, 4)
+    assert rows.numpy().tobytes() == per_feature.numpy().tobytes()
+    # The inference graph: one gather (float) or two (codes and Δ), where
+    # the per-feature path would take one or two per feature.
+    assert _gather_ops(layer, x) <= 2
+    if layout == "group_with_a_shared_table":
+        assert layer.groups[0].shares_tables
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match=r'feature "f4" \(table "f0"'):
+            layer(dict(x, f4=tf.constant([0, 1, 2, 3, 4, 50], tf.int64)),
+                  training=False)
