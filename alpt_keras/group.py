@@ -323,12 +323,15 @@ class ALPTEmbeddingGroup(PhysicalTable):
         local = integer_ids(ids, f"ALPTEmbeddingGroup '{self.name}'")
         spec = self.group_spec
         limits = [spec.tables[t].input_dim for t in tables]
-        # A free bitcast: negative ids wrap to huge unsigned values.
-        in_range = (tf.bitcast(local, tf.uint64) <
-                    tf.constant(limits, tf.uint64))
+        # A free bitcast: negative ids wrap to huge unsigned values. Each
+        # column's largest id against its table's input_dim: one column
+        # reduction and F comparisons, not a broadcast compare of [B, F].
+        unsigned = tf.bitcast(local, tf.uint64)
+        bounds = tf.constant(limits, tf.uint64)
+        in_range = tf.reduce_max(unsigned, axis=0) < bounds
 
         def fail():
-            bad = tf.logical_not(in_range)
+            bad = tf.logical_not(unsigned < bounds)
             # The column of the first bad id (row-major).
             row = tf.argmax(tf.cast(tf.reduce_any(bad, axis=1), tf.int32),
                             output_type=tf.int32)
