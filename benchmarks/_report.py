@@ -54,13 +54,20 @@ def interleaved_times(functions, steps, warmup, rounds, after_round=None,
     """Seconds per call of each function in `functions` (name -> callable
     returning tensors): after `warmup` calls each, the functions take turns,
     `steps` calls per turn for `rounds` rounds, so drifting machine load
-    hits all of them alike. Each turn starts with `turn_warmup` untimed
-    calls: the first step after another setup ran pays for that setup's
-    cache footprint (measured: 5.35 vs 5.0 ms for the stacked criteo-like
-    step after float32's), an artifact of interleaving that a training run
-    never sees; the FBGEMM peer likewise warms up in each of its turns.
-    `after_round(round_index, times)` may add its own entries (e.g. an
-    out-of-process peer's turn)."""
+    hits all of them alike. `after_round(round_index, times)` may add its
+    own entries (e.g. an out-of-process peer's turn).
+
+    Two artifacts of interleaving, which a training run never sees, are
+    kept out:
+    - the order rotates by one setup per round: the turn right after the
+      FBGEMM peer's subprocess is slower for whoever takes it
+      (criteo-like: the stacked group measured 0.81x one table there,
+      1.05x with the two swapped);
+    - each turn starts with `turn_warmup` untimed calls: the first step
+      after another setup pays for that setup's cache footprint (5.35 vs
+      5.0 ms for the stacked criteo-like step after float32's); the peer
+      likewise warms up in each of its turns.
+    """
 
     def call(function):
         tf.nest.map_structure(lambda t: t.numpy(), function())  # wait
@@ -69,8 +76,11 @@ def interleaved_times(functions, steps, warmup, rounds, after_round=None,
         for _ in range(warmup):
             call(function)
     times = {name: [] for name in functions}
+    names = list(functions)
     for round_index in range(rounds):
-        for name, function in functions.items():
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            function = functions[name]
             for _ in range(turn_warmup):
                 call(function)
             for _ in range(steps):
