@@ -100,8 +100,16 @@ class StopOnSkippedSteps(keras.callbacks.Callback):
     end without learning. The weights stay those of the last applied step,
     and the error leaves `BackupAndRestore`'s backup in place.
 
-    Reads two counters per batch. With `steps_per_execution > 1` a window
-    that applied any step resets the count.
+    Under mixed float16 (`LossScaleOptimizer(ALPTOptimizer(...))`) the
+    loss-scale optimizer skips non-finite steps itself, before
+    `ALPTOptimizer` sees them, and halves its dynamic loss scale each time:
+    each halving counts as a skipped step. A few halvings at the start are
+    the loss scale settling (from Keras's initial 2^15); a run whose data
+    hold NaN halves it at every step and is stopped here.
+
+    Reads two counters (and the loss scale) per batch. With
+    `steps_per_execution > 1` a window that applied any step, and halved no
+    loss scale, resets the count.
 
     Args:
         max_consecutive: int >= 1. Defaults to 10.
@@ -131,6 +139,24 @@ class StopOnSkippedSteps(keras.callbacks.Callback):
         self.max_consecutive = max_consecutive
         self.consecutive = 0
         self._last = None
+        self._scale = None
+
+    def _loss_scale(self):
+        """The current dynamic loss scale of a `LossScaleOptimizer`
+        (Keras 3: `dynamic_scale` once built, else `initial_scale`;
+        tf_keras: `loss_scale`), or `None` without one."""
+        optimizer = self.model.optimizer
+        if "LossScaleOptimizer" not in type(optimizer).__name__:
+            return None
+        if _keras.IS_KERAS_3:  # `initial_scale` until its first apply
+            scale = getattr(optimizer, "dynamic_scale", None)
+            if scale is None:
+                scale = getattr(optimizer, "initial_scale", None)
+        else:
+            scale = getattr(optimizer, "loss_scale", None)
+        if scale is None:
+            return None
+        return float(np.array(tf.convert_to_tensor(scale)))
 
     def _counters(self):
         """(skipped steps, applied steps); (0, 0) before the optimizer is
@@ -149,6 +175,7 @@ class StopOnSkippedSteps(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         self.consecutive = 0
         self._last = self._counters()
+        self._scale = self._loss_scale()
 
     def on_epoch_end(self, epoch, logs=None):
         if self.per_epoch:
@@ -160,15 +187,29 @@ class StopOnSkippedSteps(keras.callbacks.Callback):
     def _check(self, where):
         skipped, applied = self._counters()
         new_skipped = skipped - self._last[0]
-        if applied != self._last[1]:
+        scale, last_scale = self._loss_scale(), self._scale
+        # Steps the loss-scale optimizer skipped: one halving each. (tf_keras
+        # still counts them in `iterations`, Keras 3 does not.)
+        halvings = 0
+        if scale is not None and last_scale is not None and \
+                0 < scale < last_scale:
+            halvings = max(1, round(float(np.log2(last_scale / scale))))
+        if halvings:
+            self.consecutive += halvings + new_skipped
+        elif applied != self._last[1]:
             self.consecutive = 0
         else:
             self.consecutive += new_skipped
         self._last = (skipped, applied)
+        self._scale = scale
         if self.consecutive >= self.max_consecutive:
+            scaling = "" if scale is None else (
+                f" (loss scaling skipped them too: its scale is now {scale:g})")
             raise NonFiniteStepsError(
                 f"{self.consecutive} consecutive training steps were "
                 "skipped because their gradients held NaN/Inf (last in "
-                f"{where}); the weights are those of the last applied "
-                "step. Check the labels and inputs for NaN/Inf, or lower "
-                "the learning rate.")
+                f"{where}){scaling}; the weights are those of the last "
+                "applied step. Check the labels and inputs for NaN/Inf, or "
+                "lower the learning rate; a loss scale that only needs "
+                "more steps to settle (a high `initial_scale`) needs a "
+                "larger `max_consecutive`.")

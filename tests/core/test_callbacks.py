@@ -110,3 +110,57 @@ def test_stop_on_skipped_steps_per_epoch_has_no_batch_hook():
 def test_stop_on_skipped_steps_argument(bad):
     with pytest.raises(ValueError, match=f"max_consecutive={bad!r}"):
         StopOnSkippedSteps(max_consecutive=bad)
+
+
+def _float16_fit(labels, guard, initial_scale=2.0 ** 15):
+    """`_guarded_fit` under mixed float16, the ALPTOptimizer inside a
+    LossScaleOptimizer (which skips non-finite steps before it)."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        inputs = keras.Input(shape=(2,), dtype="int64")
+        layer = ALPTEmbedding(20, 4, seed=0, name="user_id")
+        head = keras.layers.Dense(
+            1, dtype="float32",
+            kernel_initializer=keras.initializers.GlorotUniform(seed=1))
+        model = keras.Model(inputs,
+                            head(keras.layers.Flatten()(layer(inputs))))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    optimizer = keras.mixed_precision.LossScaleOptimizer(
+        ALPTOptimizer(keras.optimizers.SGD(0.1)),
+        initial_scale=initial_scale)
+    model.compile(optimizer, "mse")
+    ids = np.tile(np.arange(20).reshape(10, 2), (len(labels) // 10, 1))
+    codes = value(layer.codes).copy()
+    model.fit(ids, labels, batch_size=10, epochs=1, shuffle=False,
+              callbacks=[guard], verbose=0)
+    return codes, layer
+
+
+def test_stop_on_skipped_steps_counts_loss_scaling_skips():
+    # Under mixed float16 the LossScaleOptimizer skips NaN steps before
+    # ALPTOptimizer sees them (its own counter stays 0): each halving of
+    # the dynamic loss scale counts instead.
+    labels = np.ones((100, 1), np.float32)
+    labels[20:] = np.nan  # two good batches, then eight NaN batches
+    guard = StopOnSkippedSteps(max_consecutive=3)
+    with pytest.raises(NonFiniteStepsError,
+                       match=r"3 consecutive training steps were skipped.*"
+                             r"batch 4.*loss scaling skipped them too: its "
+                             r"scale is now 4096"):
+        _float16_fit(labels, guard)
+
+
+def test_a_settling_loss_scale_is_not_stopped():
+    # 2^30 overflows the first float16 gradients: the scale halves until
+    # they fit, then steps apply and the count resets.
+    labels = np.ones((400, 1), np.float32)
+    guard = StopOnSkippedSteps(max_consecutive=30)
+    codes, layer = _float16_fit(labels, guard, initial_scale=2.0 ** 30)
+    assert guard.consecutive == 0
+    assert 0 < guard._scale < 2.0 ** 30  # it did skip, then settled
+    assert not np.array_equal(value(layer.codes), codes)  # and trained
+    # Negative control: the same run with a tight limit stops.
+    with pytest.raises(NonFiniteStepsError, match="loss scaling"):
+        _float16_fit(labels, StopOnSkippedSteps(max_consecutive=2),
+                     initial_scale=2.0 ** 30)
