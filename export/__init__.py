@@ -16,6 +16,7 @@ from alpt_keras.export.saved_model import (
     export_for_serving,
     export_size_report,
     next_version,
+    serving_input_signature,
     serving_variables,
 )
 from alpt_keras.export.serving_files import (
@@ -34,6 +35,7 @@ __all__ = [
     "export_size_report",
     "next_version",
     "read_warmup_requests",
+    "serving_input_signature",
     "serving_variables",
     "write_model_config",
     "write_warmup_requests",

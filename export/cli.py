@@ -51,9 +51,9 @@ def main(argv=None):
     import alpt_keras.models  # noqa: F401  (registers the model classes)
     from alpt_keras.compat import keras
     from alpt_keras.export.saved_model import (
-        _input_signature,
         export_for_serving,
         export_size_report,
+        serving_input_signature,
     )
 
     model = keras.models.load_model(args.model_file, compile=False)
@@ -69,8 +69,8 @@ def main(argv=None):
             warmup = {c: np.array([""] * n) for c in preprocessing.columns}
         else:  # id 0 (OOV) of every table; multi-hot rows padded alike
             warmup = {name: np.zeros([n] + list(spec.shape[1:]), np.int64)
-                      for name, spec in _input_signature(model,
-                                                         None).items()}
+                      for name, spec in serving_input_signature(
+                          model).items()}
     version_dir = export_for_serving(model, args.base_path, args.model_name,
                                      version=args.version,
                                      warmup_examples=warmup,

@@ -57,7 +57,11 @@ def next_version(model_dir):
     return max(versions, default=0) + 1
 
 
-def _input_signature(model, input_signature):
+def serving_input_signature(model, input_signature=None):
+    """The serving signature's inputs: feature name -> `tf.TensorSpec`
+    named after the feature. Taken from `input_signature` if given (checked),
+    else from the model's symbolic inputs (functional models; subclassed
+    and TFRS models must pass `input_signature`)."""
     if input_signature is not None:
         if not isinstance(input_signature, dict) or not all(
                 isinstance(s, tf.TensorSpec) for s in
@@ -279,7 +283,7 @@ def export_for_serving(model, base_path, model_name="model", version=None,
         raise ValueError(f"Version {version} already exists: {final}. "
                          "Received: a version that TF Serving may be "
                          "serving; choose another or omit `version`.")
-    signature = _input_signature(model, input_signature)
+    signature = serving_input_signature(model, input_signature)
     if preprocessing is not None:
         produced = set(getattr(preprocessing, "field_names", signature))
         lacking = sorted(set(signature) - produced)

@@ -11,7 +11,11 @@ import tensorflow as tf
 
 from alpt_keras import IS_KERAS_3, ALPTOptimizer
 from alpt_keras._keras import keras
-from alpt_keras.export import export_for_serving, export_size_report
+from alpt_keras.export import (
+    export_for_serving,
+    export_size_report,
+    serving_input_signature,
+)
 from alpt_keras.export import saved_model as saved_model_module
 from alpt_keras.models import (
     FeatureConfig,
@@ -425,3 +429,18 @@ def test_bad_warmup_examples_are_a_clear_error_and_publish_nothing(
         export_for_serving(model, str(tmp_path), "ctr",
                            warmup_examples=rows)
     assert os.listdir(tmp_path / "ctr") == []  # no version, no staging
+
+
+def test_serving_input_signature_names_the_features():
+    # What `export_for_serving` and `alpt-export --warmup-rows` build the
+    # signature (and warm-up rows) from: one named spec per model input.
+    model = build_ctr_model(_features(), model="dnn", hidden_units=(4,))
+    signature = serving_input_signature(model)
+    assert sorted(signature) == ["genres", "item", "user"]
+    assert signature["genres"].shape.as_list() == [None, 3]
+    assert signature["user"].name == "user"
+    given = serving_input_signature(
+        model, {"user": tf.TensorSpec([None], tf.int32)})
+    assert given["user"].dtype == tf.int32 and given["user"].name == "user"
+    with pytest.raises(TypeError, match="tf.TensorSpec"):
+        serving_input_signature(model, {"user": [None]})
