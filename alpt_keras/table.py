@@ -119,11 +119,10 @@ def checked_ids(flat, input_dim, name):
     use: an out-of-range id fails with `InvalidArgumentError` naming
     `name` and showing the first 10 offending ids.
 
-    The largest id as unsigned covers both ends (a free `Bitcast`: negative
-    ids wrap to huge unsigned values; one reduction, no cast pass, no
-    `[N]` bool tensor); the offending
-    ids are gathered only when the check fails, which halves its cost per
-    serving request.
+    The largest id as unsigned covers both ends (a free `Bitcast`:
+    negative ids wrap to huge unsigned values; one reduction, no cast pass,
+    no `[N]` bool tensor); the offending ids are gathered only when the
+    check fails, which halves its cost per serving request.
     """
     ids = integer_ids(flat, f"ALPTEmbedding '{name}'")
     in_range = tf.reduce_max(tf.bitcast(ids, tf.uint64)) < input_dim
