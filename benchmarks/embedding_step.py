@@ -268,6 +268,10 @@ def measure_all(names, ids, rows, dim, steps, warmup, rounds,
             "examples_per_second": ids.shape[0] / median,
             "ids_per_second": int(np.prod(ids.shape)) / median,
             "steps": len(times[name]),
+            # Each round's median: rounds of a pair see the same load.
+            "round_median_seconds": [
+                float(np.median(chunk)) for chunk in
+                np.array_split(np.asarray(times[name]), rounds)],
             "table_and_state_bytes": table_and_state_bytes(steps_fn[name])
             if name in steps_fn else None})
     if not peer_python:
@@ -298,6 +302,11 @@ def main():
                              "embedding_step[_criteo_like].json)")
     parser.add_argument("--tiny", action="store_true",
                         help="seconds-long smoke run (CI)")
+    parser.add_argument("--pair", nargs=2, metavar=("A", "B"), default=None,
+                        help="also report A's speed relative to B as the "
+                             "median (and quartiles) of per-round ratios: "
+                             "two setups of nearly equal cost, compared "
+                             "within rounds that saw the same machine load")
     args = parser.parse_args()
     criteo_like = args.layout == "criteo_like"
     if args.setups is None:
@@ -307,6 +316,11 @@ def main():
             "float32_sgd", "float32_adam"]
     known = CRITEO_LIKE_SETUPS if criteo_like else (
         *ALPT_SETUPS, "float32_sgd", "float32_adam")
+    if args.pair:
+        missing = sorted(set(args.pair) - set(args.setups))
+        if missing:
+            parser.error(f"--pair {args.pair}: {missing} not among --setups "
+                         f"{args.setups}")
     unknown = sorted(set(args.setups) - set(known))
     if unknown:
         parser.error(f"--setups {unknown} not in {list(known)} for "
@@ -378,6 +392,20 @@ def main():
         "results": results,
         "peer": peer,
     }
+    if args.pair:
+        by_setup = {r["setup"]: r for r in results}
+        a, b = (np.asarray(by_setup[name]["round_median_seconds"])
+                for name in args.pair)
+        ratios = b / a  # A's speed relative to B's, per round
+        quartiles = np.percentile(ratios, [25, 50, 75])
+        report["pair"] = {"a": args.pair[0], "b": args.pair[1],
+                          "round_ratios": ratios.tolist(),
+                          "median": float(quartiles[1]),
+                          "quartiles": [float(quartiles[0]),
+                                        float(quartiles[2])]}
+        print(f"{args.pair[0]} vs {args.pair[1]}: {quartiles[1]:.3f}x "
+              f"(median of {len(ratios)} per-round ratios; quartiles "
+              f"{quartiles[0]:.3f}-{quartiles[2]:.3f})")
     if peer:
         print(f"peer: torch {peer['torch']}, fbgemm_gpu {peer['fbgemm_gpu']}"
               f", {peer['threads']} threads; cannot train: "

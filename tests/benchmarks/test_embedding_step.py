@@ -68,8 +68,8 @@ def test_peer_turns_are_merged_into_the_table(tmp_path):
     proc = subprocess.run(
         [sys.executable, f"{ROOT}/benchmarks/embedding_step.py", "--tiny",
          "--setups", "alpt", "float32_sgd", "--peer-python", str(standin),
-         "--output", str(output)], capture_output=True, text=True,
-        timeout=600)
+         "--pair", "alpt", "float32_sgd", "--output", str(output)],
+        capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
@@ -84,3 +84,19 @@ def test_peer_turns_are_merged_into_the_table(tmp_path):
     assert report["fastest_float32"] == "float32_sgd"
     assert "fbgemm_int8" in report["peer"]["unsupported"]
     assert "cannot train: fbgemm_int8" in proc.stdout
+    # Per-round medians (1 round in --tiny), and --pair's ratio from them.
+    assert setups["fbgemm_fp32"]["round_median_seconds"] == [0.002]
+    pair = report["pair"]
+    expected = (setups["float32_sgd"]["round_median_seconds"][0]
+                / setups["alpt"]["round_median_seconds"][0])
+    assert pair["round_ratios"] == pytest.approx([expected])
+    assert pair["median"] == pytest.approx(expected)
+    assert "alpt vs float32_sgd" in proc.stdout
+    bad = subprocess.run(
+        [sys.executable, f"{ROOT}/benchmarks/embedding_step.py", "--tiny",
+         "--setups", "alpt", "--pair", "alpt", "float32_sgd",
+         "--output", str(output)], capture_output=True, text=True,
+        timeout=600)
+    assert bad.returncode == 2
+    assert "--pair ['alpt', 'float32_sgd']: ['float32_sgd'] not among" \
+        in bad.stderr
