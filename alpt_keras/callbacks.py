@@ -11,10 +11,15 @@ from alpt_keras.table import tables
 keras = _keras.keras
 
 
+def _is_loss_scale_optimizer(optimizer):
+    # Both flavours' classes (tf_keras names several variants).
+    return "LossScaleOptimizer" in type(optimizer).__name__
+
+
 def alpt_optimizer(optimizer):
     """`optimizer`, or the ALPTOptimizer inside a `LossScaleOptimizer`
     (mixed float16 wraps it: `LossScaleOptimizer(ALPTOptimizer(...))`)."""
-    if "LossScaleOptimizer" in type(optimizer).__name__:
+    if _is_loss_scale_optimizer(optimizer):
         return getattr(optimizer, "inner_optimizer", optimizer)
     return optimizer
 
@@ -146,7 +151,7 @@ class StopOnSkippedSteps(keras.callbacks.Callback):
         (Keras 3: `dynamic_scale` once built, else `initial_scale`;
         tf_keras: `loss_scale`), or `None` without one."""
         optimizer = self.model.optimizer
-        if "LossScaleOptimizer" not in type(optimizer).__name__:
+        if not _is_loss_scale_optimizer(optimizer):
             return None
         if _keras.IS_KERAS_3:  # `initial_scale` until its first apply
             scale = getattr(optimizer, "dynamic_scale", None)

@@ -113,21 +113,24 @@ class FeatureEmbedding(keras.layers.Layer):
                 return feature
         raise KeyError(f"Unknown feature {feature_name!r}")
 
-    def _one_group_of_one_hot_features(self):
-        return (len(self.groups) == 1 and not self.groups[0].shares_tables
-                and len(self.groups[0].features) == len(self.features)
-                and all(f.max_ids is None for f in self.features))
-
-    def _one_shared_layer(self):
-        """The one layer every feature looks up, if there is one and it
-        shares a table between features: a group, or a single table
-        layer (ALPT or float) with no combiner; else `None`."""
-        if len(self.features) < 2:
+    def _matrix_layer(self, training):
+        """The layer that looks every feature up as one `[B, F]` id matrix,
+        or `None`. Every feature must be one-hot, and either in one group
+        of distinct tables (the common CTR case), or, in inference
+        (`training=False`) only, in one group holding a shared table or one
+        table layer (ALPT or float, no combiner) shared by all. Training
+        keeps one lookup per feature of a shared table: the order of its
+        gradients is part of its numbers."""
+        if any(f.max_ids is not None for f in self.features):
             return None
-        if len(self.groups) == 1 and self.groups[0].shares_tables and \
+        if len(self.groups) == 1 and \
                 len(self.groups[0].features) == len(self.features):
-            return self.groups[0]
-        if not self.groups and len(self.tables) == 1 and \
+            group = self.groups[0]
+            if not group.shares_tables or training is False:
+                return group
+            return None
+        if training is False and not self.groups and len(self.tables) == 1 \
+                and len(self.features) > 1 and \
                 getattr(self.tables[0], "combiner", None) is None:
             return self.tables[0]
         return None
@@ -171,40 +174,28 @@ class FeatureEmbedding(keras.layers.Layer):
                 bag = tf.ragged.boolean_mask(ids, tf.not_equal(ids, -1))
                 bags[feature.name] = bag
                 flat_ids[feature.name] = bag.flat_values
-        one_hot = all(f.max_ids is None for f in self.features)
-        if one_hot and training is False:
-            shared = self._one_shared_layer()
-            if shared is not None:
-                # Inference, every feature in one table (one table shared
-                # by all fields, or one group with shared tables): one
-                # [B, F] lookup, not one chain per feature. Training keeps
-                # the per-feature path below, whose order of a shared
-                # table's gradients is part of its numbers.
-                names = [f.name for f in self.features]
-                columns = [flat_ids[n] for n in names]
-                if len({c.dtype for c in columns}) == 1:
-                    ids = tf.stack(columns, axis=1)
-                    if isinstance(shared, ALPTEmbeddingGroup):
-                        return shared.lookup_matrix(names, ids,
-                                                    training=False)
-                    if isinstance(shared, ALPTEmbedding):
-                        return shared(ids, training=False)
-                    return shared(ids)
-        if self._one_group_of_one_hot_features():
-            # The common CTR case (every feature one-hot, one group): one
-            # [B, F] id matrix, looked up in O(1) ops whatever F is.
-            (group,) = self.groups
+        layer = self._matrix_layer(training)
+        if layer is not None:
+            # One [B, F] id matrix, looked up in O(1) ops whatever F is.
             names = [f.name for f in self.features]
             columns = [flat_ids[n] for n in names]
+            group = isinstance(layer, ALPTEmbeddingGroup)
             if len({c.dtype for c in columns}) == 1:
-                return group.lookup_matrix(
-                    names, tf.stack(columns, axis=1), training=training)
-            # Mixed id dtypes: per feature, rows come out feature-major,
-            # [F·B, D] -> [B, F, D].
-            rows, _ = group.lookup_flat(names, columns, training=training)
-            batch = tf.shape(columns[0])[0]
-            return tf.transpose(tf.reshape(
-                rows, [len(names), batch, self.embedding_dim]), [1, 0, 2])
+                ids = tf.stack(columns, axis=1)
+                if group:
+                    return layer.lookup_matrix(names, ids, training=training)
+                if isinstance(layer, ALPTEmbedding):
+                    return layer(ids, training=False)
+                return layer(ids)
+            if group:
+                # Mixed id dtypes: per feature, rows come out
+                # feature-major, [F·B, D] -> [B, F, D].
+                rows, _ = layer.lookup_flat(names, columns,
+                                            training=training)
+                batch = tf.shape(columns[0])[0]
+                return tf.transpose(tf.reshape(
+                    rows, [len(names), batch, self.embedding_dim]),
+                    [1, 0, 2])
         rows = {}
         for group in self.groups:
             rows.update(group({f: flat_ids[f] for f in group.features},
